@@ -1,0 +1,349 @@
+"""The `loadsvc` command: parses flags once into settings and hands them to a component.
+
+    loadsvc demo                      simulator + server on 127.0.0.1, until Ctrl-C
+    loadsvc serve --shm PATH          gRPC + REST over a region (and a ZMQ collector)
+    loadsvc simulate --shm PATH ...   an engine simulator publishing load
+    loadsvc get / watch               read the loads over gRPC
+    loadsvc keys gen DIR NAME         CURVE key pair for the relay
+    loadsvc engine                    a toy inference engine serving loads itself
+    loadsvc bench shm|rest|grpc|relay|routing|soak
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from loadsvc import __version__
+from loadsvc.settings import (
+    ClientSettings,
+    CurveClientSettings,
+    CurveServerSettings,
+    DemoSettings,
+    EngineSettings,
+    ServeSettings,
+    SimulateSettings,
+    StoreSettings,
+    TlsSettings,
+)
+from loadsvc.shm import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
+
+API_KEY_ENV = "LOADSVC_API_KEY"
+
+
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """'0-3,6' -> (0, 1, 2, 3, 6)."""
+    ranks: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                if int(hi) < int(lo):
+                    raise ValueError
+                ranks.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                ranks.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ranks must look like 0-3 or 0,2,5 (got {text!r})") from None
+    if not ranks or min(ranks) < 0:
+        raise argparse.ArgumentTypeError(f"ranks must be non-negative integers (got {text!r})")
+    return tuple(sorted(set(ranks)))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {text!r}")
+    return value
+
+
+def _speeds(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"speeds must look like 1,1,0.5 (got {text!r})") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"speeds must be numbers > 0 (got {text!r})")
+    return values
+
+
+def _add_store_args(p: argparse.ArgumentParser, shm_required: bool = True) -> None:
+    p.add_argument("--shm", type=Path, required=shm_required, default=None if shm_required else default_path(),
+                   help="the shared-memory region file (e.g. /dev/shm/loadsvc-default.shm)")
+    p.add_argument("--dp-size", type=_positive_int, default=None,
+                   help="create the region with this many ranks if it does not exist; without it, "
+                        "wait for a publisher to create it")
+    p.add_argument("--stale-after", type=_positive_float, default=DEFAULT_STALE_AFTER,
+                   help="seconds without a publish before a rank is reported stale (default %(default)s)")
+    p.add_argument("--unreachable-after", type=_positive_float, default=DEFAULT_UNREACHABLE_AFTER,
+                   help="seconds without a publish before a rank is reported unreachable "
+                        "(default %(default)s)")
+    p.add_argument("--group-readable", action="store_true",
+                   help="create the region 0660 instead of 0600 (share it with the file's group)")
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grpc", default="127.0.0.1:50051", metavar="HOST:PORT",
+                   help="loadsvc gRPC address (default %(default)s)")
+    p.add_argument("--dp-rank", type=int, default=None, help="only this rank")
+    p.add_argument("--include", default="", help="sections: core,memory,spec,lora,disagg,queues,all")
+    p.add_argument("--api-key", default=None,
+                   help=f"bearer token for a server started with --api-key (or ${API_KEY_ENV})")
+    p.add_argument("--tls-ca", type=Path, default=None, help="CA certificate to verify a TLS server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loadsvc",
+        description="Carry per-rank load from LLM inference engines to routers "
+                    "(shared memory, ZMQ relay, gRPC and REST).",
+        epilog="Start with `loadsvc demo`, then `loadsvc watch` in another terminal.",
+    )
+    parser.add_argument("--version", action="version", version=f"loadsvc {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level (default %(default)s)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="run a simulated 4-rank engine and the server on 127.0.0.1",
+                       description="Start the engine simulator (4 ranks) and the server on 127.0.0.1 "
+                                   "(gRPC 50051, REST 8000); stop everything with Ctrl-C.")
+    p.add_argument("--grpc-port", type=_port, default=50051, help="gRPC port (default %(default)s)")
+    p.add_argument("--http-port", type=_port, default=8000, help="REST port (default %(default)s)")
+    p.add_argument("--dp-size", type=_positive_int, default=4, help="simulated ranks (default %(default)s)")
+    p.add_argument("--engine", action="store_true",
+                   help="run toy inference engines and the reference router instead of the simulator")
+    p.add_argument("--shm", type=Path, default=None, help="region file (default: a fresh one per run)")
+
+    p = sub.add_parser("serve", help="serve a region over gRPC and REST",
+                       description="Serve the loads of a shared-memory region over gRPC "
+                                   "(loadsvc.v1.LoadService, SGLang GetLoads, health, reflection, ORCA) "
+                                   "and REST (GET /v1/loads, /health, /metrics).")
+    _add_store_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s; anything beyond loopback wants "
+                        "--tls-cert/--tls-key or --api-key)")
+    p.add_argument("--grpc-port", type=_port, default=50051, help="gRPC port (default %(default)s)")
+    p.add_argument("--http-port", type=_port, default=8000, help="REST port (default %(default)s)")
+    p.add_argument("--collect", default=None, metavar="tcp://HOST:PORT",
+                   help="also run the ZMQ collector bound here, relaying remote ranks into the region")
+    p.add_argument("--curve-secret-key", type=Path, default=None,
+                   help="collector's secret certificate (from `loadsvc keys gen`); enables CURVE")
+    p.add_argument("--curve-authorized-dir", type=Path, default=None,
+                   help="directory of publishers' public certificates allowed to push")
+    p.add_argument("--max-frame-bytes", type=_positive_int, default=64 * 1024,
+                   help="collector: reject frames larger than this (default %(default)s)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM) for gRPC and REST")
+    p.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, default=None,
+                   help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on REST and gRPC (or ${API_KEY_ENV}); "
+                        "health stays open")
+    p.add_argument("--orca-ranks", type=parse_ranks, default=None,
+                   help="ranks whose aggregate ORCA reports describe (default: all)")
+
+    p = sub.add_parser("simulate", help="publish simulated engine load",
+                       description="An engine simulator: arrivals, queues that build and drain, token "
+                                   "usage, throughput and cache hits, published per rank at --rate Hz "
+                                   "into a region (--shm) or to a collector (--zmq).")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--shm", type=Path, help="region file to publish into")
+    dest.add_argument("--zmq", metavar="tcp://HOST:PORT", help="collector endpoint to push to")
+    p.add_argument("--dp-size", type=_positive_int, required=True, help="total ranks of the deployment")
+    p.add_argument("--ranks", type=parse_ranks, default=None,
+                   help="ranks this process publishes, e.g. 0-3 (default: all of --dp-size)")
+    p.add_argument("--rate", type=_positive_float, default=20.0, help="publishes per second per rank")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("--duration", type=_positive_float, default=None, help="stop after this many seconds")
+    p.add_argument("--curve-server-key", type=Path, default=None, help="collector's public certificate")
+    p.add_argument("--curve-secret-key", type=Path, default=None, help="this publisher's secret certificate")
+
+    for name, text in (("get", "print the per-rank table once"),
+                       ("watch", "live per-rank table from the WatchLoads stream")):
+        p = sub.add_parser(name, help=text, description=text)
+        _add_client_args(p)
+        if name == "get":
+            p.add_argument("--json", action="store_true", help="print the response as JSON")
+        else:
+            p.add_argument("--min-interval-ms", type=int, default=0, help="at most one update per this")
+            p.add_argument("--max-interval-ms", type=int, default=1000, help="heartbeat interval")
+            p.add_argument("--count", type=_positive_int, default=None,
+                           help="exit after this many messages")
+
+    p = sub.add_parser("keys", help="CURVE keys for the ZMQ relay")
+    ksub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    g = ksub.add_parser("gen", help="write DIR/NAME.key and DIR/NAME.key_secret (pyzmq format)")
+    g.add_argument("dir", type=Path)
+    g.add_argument("name")
+
+    p = sub.add_parser("engine", help="a toy inference engine that serves its own loads",
+                       description="A toy inference engine (not a model) with an SGLang-like HTTP "
+                                   "surface and a gRPC surface, publishing each rank's real state.")
+    p.add_argument("--dp-size", type=_positive_int, default=2)
+    p.add_argument("--speeds", type=_speeds, default=None, help="per-rank speed factors, e.g. 1,0.5")
+    p.add_argument("--max-running-requests", type=_positive_int, default=32)
+    p.add_argument("--max-total-tokens", type=_positive_int, default=65536, help="KV-token budget per rank")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=30000, help="HTTP port (default %(default)s)")
+    p.add_argument("--grpc-port", type=_port, default=30001, help="gRPC port (default %(default)s)")
+    p.add_argument("--shm", type=Path, default=None, help="region file (default: one per engine port)")
+    p.add_argument("--publish-rate", type=_positive_float, default=50.0, help="publishes per second per rank")
+    p.add_argument("--model", default="loadsvc-toy", help="model name to report")
+
+    p = sub.add_parser("bench", help="benchmarks (print figures and ratios against a baseline)")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    b = bsub.add_parser("shm", help="shared-memory publish/read against a flock baseline")
+    b.add_argument("--ranks", type=_positive_int, default=8)
+    b.add_argument("--seconds", type=_positive_float, default=5.0, help="contended phase length per design")
+    b.add_argument("--readers", type=_positive_int, default=3)
+    b = bsub.add_parser("rest", help="REST /v1/loads under wrk against a baseline endpoint")
+    b.add_argument("--seconds", type=_positive_int, default=10)
+    b.add_argument("--connections", type=_positive_int, default=32)
+    b = bsub.add_parser("grpc", help="GetLoads latency and WatchLoads fan-out")
+    b.add_argument("--subscribers", type=_positive_int, default=500)
+    b.add_argument("--seconds", type=_positive_float, default=10.0)
+    b = bsub.add_parser("relay", help="ZMQ publish to WatchLoads delivery across network namespaces")
+    b.add_argument("--seconds", type=_positive_float, default=10.0)
+    b = bsub.add_parser("routing", help="routing quality: round robin vs smg vs loadsvc P2C")
+    b.add_argument("--requests", type=_positive_int, default=400)
+    b.add_argument("--seed", type=int, default=1)
+    b = bsub.add_parser("soak", help="long run: 8 ranks at 100 Hz, 200 watchers, REST load")
+    b.add_argument("--minutes", type=_positive_float, default=10.0)
+    return parser
+
+
+def _serve_settings(args: argparse.Namespace) -> ServeSettings:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("loadsvc serve: --tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SystemExit("loadsvc serve: --tls-client-ca needs --tls-cert and --tls-key")
+    if (args.curve_secret_key is None) != (args.curve_authorized_dir is None):
+        raise SystemExit("loadsvc serve: --curve-secret-key and --curve-authorized-dir go together")
+    if args.curve_secret_key and not args.collect:
+        raise SystemExit("loadsvc serve: CURVE flags need --collect")
+    return ServeSettings(
+        store=_store_settings(args),
+        host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+        collect=args.collect,
+        curve=CurveServerSettings(args.curve_secret_key, args.curve_authorized_dir)
+        if args.curve_secret_key else None,
+        tls=TlsSettings(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        orca_ranks=args.orca_ranks,
+        max_frame_bytes=args.max_frame_bytes,
+    )
+
+
+def _store_settings(args: argparse.Namespace) -> StoreSettings:
+    if args.unreachable_after < args.stale_after:
+        raise SystemExit(f"--unreachable-after ({args.unreachable_after}) must be >= --stale-after "
+                         f"({args.stale_after})")
+    return StoreSettings(shm=args.shm, dp_size=args.dp_size, stale_after=args.stale_after,
+                         unreachable_after=args.unreachable_after,
+                         region_mode=0o660 if args.group_readable else 0o600)
+
+
+def _simulate_settings(args: argparse.Namespace) -> SimulateSettings:
+    ranks = args.ranks if args.ranks is not None else tuple(range(args.dp_size))
+    if max(ranks) >= args.dp_size:
+        raise SystemExit(f"loadsvc simulate: --ranks {max(ranks)} is outside --dp-size {args.dp_size}")
+    if (args.curve_server_key is None) != (args.curve_secret_key is None):
+        raise SystemExit("loadsvc simulate: --curve-server-key and --curve-secret-key go together")
+    if args.curve_server_key and not args.zmq:
+        raise SystemExit("loadsvc simulate: CURVE flags need --zmq")
+    return SimulateSettings(
+        dp_size=args.dp_size, ranks=ranks, rate=args.rate, shm=args.shm, zmq=args.zmq,
+        curve=CurveClientSettings(args.curve_server_key, args.curve_secret_key)
+        if args.curve_server_key else None,
+        seed=args.seed, duration=args.duration)
+
+
+def _client_settings(args: argparse.Namespace) -> ClientSettings:
+    include = tuple(t.strip() for t in args.include.split(",") if t.strip())
+    return ClientSettings(
+        grpc=args.grpc, dp_rank=args.dp_rank, include=include,
+        min_interval_ms=getattr(args, "min_interval_ms", 0),
+        max_interval_ms=getattr(args, "max_interval_ms", 1000),
+        json=getattr(args, "json", False),
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        tls_ca=args.tls_ca, count=getattr(args, "count", None))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cmd = args.command
+    if cmd == "serve":
+        from loadsvc.server import run_serve
+
+        return run_serve(_serve_settings(args))
+    if cmd == "simulate":
+        from loadsvc.simulate import run_simulate
+
+        return run_simulate(_simulate_settings(args))
+    if cmd == "demo":
+        from loadsvc.demo import run_demo
+
+        return run_demo(DemoSettings(grpc_port=args.grpc_port, http_port=args.http_port,
+                                     dp_size=args.dp_size, engine=args.engine, shm=args.shm))
+    if cmd == "get":
+        from loadsvc.client import run_get
+
+        return run_get(_client_settings(args))
+    if cmd == "watch":
+        from loadsvc.client import run_watch
+
+        return run_watch(_client_settings(args))
+    if cmd == "keys":
+        from loadsvc.relay import generate_keys
+
+        public, secret = generate_keys(args.dir, args.name)
+        print(f"wrote {public}\nwrote {secret}")
+        return 0
+    if cmd == "engine":
+        from loadsvc.engine import run_engine
+
+        speeds = args.speeds or (1.0,) * args.dp_size
+        if len(speeds) != args.dp_size:
+            raise SystemExit(f"loadsvc engine: --speeds has {len(speeds)} values for --dp-size {args.dp_size}")
+        return run_engine(EngineSettings(
+            dp_size=args.dp_size, speeds=speeds, max_running_requests=args.max_running_requests,
+            max_total_tokens=args.max_total_tokens, host=args.host, http_port=args.port,
+            grpc_port=args.grpc_port, shm=args.shm, publish_rate=args.publish_rate, model=args.model))
+    if cmd == "bench":
+        import importlib
+
+        module = importlib.import_module(f"loadsvc.bench.{args.bench}")
+        return module.run(args)
+    raise AssertionError(cmd)  # argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

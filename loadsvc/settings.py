@@ -1,0 +1,110 @@
+"""Typed settings, one class per role, built once from the command line in cli.py.
+
+Nothing below cli.py reads flags or environment variables: each component takes
+the settings object (or plain arguments) it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loadsvc.shm import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """The read side of one region."""
+
+    shm: Path
+    dp_size: int | None = None  # create the region with this many ranks if missing
+    stale_after: float = DEFAULT_STALE_AFTER
+    unreachable_after: float = DEFAULT_UNREACHABLE_AFTER
+    region_mode: int = 0o600
+    poll_interval: float = 0.001  # how often the store looks for changed ranks
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # mutual TLS when set
+
+
+@dataclass(frozen=True)
+class CurveServerSettings:
+    secret_key: Path  # the collector's secret certificate (pyzmq format)
+    authorized_dir: Path  # public certificates of the publishers allowed in
+
+
+@dataclass(frozen=True)
+class CurveClientSettings:
+    server_key: Path  # the collector's public certificate
+    secret_key: Path  # this publisher's secret certificate
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    store: StoreSettings
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8000
+    collect: str | None = None  # ZMQ endpoint the collector binds, e.g. tcp://0.0.0.0:5557
+    curve: CurveServerSettings | None = None
+    tls: TlsSettings | None = None
+    api_key: str | None = None
+    orca_ranks: tuple[int, ...] | None = None  # None: aggregate of every rank
+    max_frame_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class SimulateSettings:
+    dp_size: int
+    ranks: tuple[int, ...]
+    rate: float = 20.0
+    shm: Path | None = None
+    zmq: str | None = None
+    curve: CurveClientSettings | None = None
+    seed: int | None = None
+    duration: float | None = None  # seconds; None = until stopped
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8000
+    dp_size: int = 4
+    engine: bool = False
+    shm: Path | None = None
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """`loadsvc get` and `loadsvc watch`."""
+
+    grpc: str = "127.0.0.1:50051"
+    dp_rank: int | None = None
+    include: tuple[str, ...] = ()
+    min_interval_ms: int = 0
+    max_interval_ms: int = 1000
+    json: bool = False
+    api_key: str | None = None
+    tls_ca: Path | None = None
+    count: int | None = None  # watch: stop after this many messages
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    dp_size: int = 2
+    speeds: tuple[float, ...] = ()
+    max_running_requests: int = 32
+    max_total_tokens: int = 65536
+    host: str = "127.0.0.1"
+    http_port: int = 30000
+    grpc_port: int = 30001
+    shm: Path | None = None
+    publish_rate: float = 50.0
+    model: str = "loadsvc-toy"
+    stale_after: float = DEFAULT_STALE_AFTER
+    extra: dict[str, str] = field(default_factory=dict)

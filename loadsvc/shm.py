@@ -1,0 +1,547 @@
+"""The shared-memory snapshot region: one file, one slot per rank, no locks on the hot paths.
+
+    ShmPublisher(rank r) --publish()--> slot r: buffer A | buffer B   (write the idle one,
+                                           ^                            then flip seq[r])
+    ShmReader --read_all()--> seq[0..N] (one copy, one compare) -> cached snapshots
+
+Layout (little-endian, every word 8-byte aligned so a store through
+``memoryview(...).cast("Q")`` is one aligned 8-byte store):
+
+    header   (256 B)  magic, layout version, header size, schema fingerprint,
+                      slot count, slot size, payload capacity, creation time
+    seq[N]   (8 B each, side by side) last complete publish of each rank;
+                      0 = never published
+    slot[N]  (slot size each) two buffers; buffer (n & 1) holds publish n:
+                      word 0  state: 2n+1 while being written, 2n when complete
+                      word 1  publish time, Unix ns
+                      word 2  payload length << 32 | crc32
+                      word 3  reserved
+                      payload (msgpack of LoadSnapshot)
+
+Writer, publish n: state = 2n+1; copy payload; time; length|crc; state = 2n;
+seq[r] = n. It never waits: readers and other ranks cannot hold it up.
+
+Reader: n = seq[r]; if n is the cached sequence, return the cached snapshot.
+Otherwise read buffer (n & 1): state must be 2n before and after the copy and
+the checksum (seeded with n and the publish time) must match the bytes copied.
+On weakly ordered CPUs, where Python has no fences, the checksum rather than the
+sequence decides validity. A writer preempted in the middle of publish n+1 is
+writing the other buffer, so readers keep reading publish n undisturbed. After
+a bounded number of retries the reader returns its last good copy of that rank
+(which turns stale with time), or None if it never had one.
+
+Creation: the file is built under a temporary name, complete with its header,
+then hard-linked into place, so nobody ever sees a half-written header. A file
+that exists is validated: wrong magic, layout version, schema fingerprint or
+slot count is a RegionError naming the file and what differs.
+
+Ownership: each publisher holds an advisory record lock (fcntl.lockf) on one
+byte of its slot for its whole life, taken once when it attaches, never while
+publishing. A second publisher for the same rank gets a RegionError; the
+kernel drops the lock when the owner dies, so a restarted engine takes over.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import secrets
+import struct
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from loadsvc import schema
+from loadsvc.schema import LoadSnapshot, Status
+
+__all__ = [
+    "ShmPublisher",
+    "ShmReader",
+    "RegionError",
+    "create_region",
+    "default_path",
+    "freshness",
+    "DEFAULT_PAYLOAD_CAPACITY",
+]
+
+MAGIC = b"LOADSVC\x00"
+LAYOUT_VERSION = 1
+HEADER_SIZE = 256
+BUFFER_HEADER = 32  # four words before each buffer's payload
+DEFAULT_PAYLOAD_CAPACITY = 2048
+MAX_SLOTS = 65536
+READ_RETRIES = 8
+
+# magic, version, header_size, fingerprint, slot_count, slot_size, payload_capacity, reserved, created_ns
+_HEADER = struct.Struct("<8sIIQIIIIQ")
+# state, publish time ns, length << 32 | crc32, reserved
+_BUFFER_HEADER = struct.Struct("<QQQQ")
+
+DEFAULT_STALE_AFTER = 3.0
+DEFAULT_UNREACHABLE_AFTER = 30.0
+
+
+class RegionError(RuntimeError):
+    """The region file is missing, corrupt, or does not match what the caller expects."""
+
+
+def default_path(instance: str = "default") -> Path:
+    """`/dev/shm/loadsvc-<instance>.shm`, or the temp dir where /dev/shm does not exist."""
+    base = Path("/dev/shm")
+    if not base.is_dir():
+        base = Path(tempfile.gettempdir())
+    return base / f"loadsvc-{instance}.shm"
+
+
+def freshness(publish_time_ns: int, now_ns: int, stale_after: float = DEFAULT_STALE_AFTER,
+              unreachable_after: float = DEFAULT_UNREACHABLE_AFTER) -> tuple[Any, float]:
+    """(Status, age in ms) of a snapshot published at publish_time_ns, seen at now_ns.
+
+    healthy while age <= stale_after seconds, stale until unreachable_after,
+    unreachable beyond it or when never published (publish_time_ns == 0).
+    A publish time in the future (another clock) counts as age 0.
+    """
+    if publish_time_ns <= 0:
+        return Status.UNREACHABLE, 0.0
+    age_ms = max(0.0, (now_ns - publish_time_ns) / 1e6)
+    if age_ms <= stale_after * 1000.0:
+        return Status.HEALTHY, age_ms
+    if age_ms <= unreachable_after * 1000.0:
+        return Status.STALE, age_ms
+    return Status.UNREACHABLE, age_ms
+
+
+def _layout(slot_count: int, payload_capacity: int) -> tuple[int, int, int]:
+    """(seq offset, slots offset, slot size) for a region of slot_count slots."""
+    seq_off = HEADER_SIZE
+    slots_off = (seq_off + 8 * slot_count + 63) // 64 * 64
+    buf_size = (BUFFER_HEADER + payload_capacity + 63) // 64 * 64
+    return seq_off, slots_off, 2 * buf_size
+
+
+# The checksum is seeded with (n * _CRC_MUL ^ publish time) & 0xFFFFFFFF, binding
+# it to the publish it belongs to: an old payload still sitting in a buffer can
+# never pass for a newer publish. Written out inline on both hot paths.
+_CRC_MUL = 0x9E3779B1
+
+
+class _Region:
+    """An open, validated region file mapped into memory."""
+
+    def __init__(self, path: Path, fd: int, writable: bool) -> None:
+        self.path = path
+        self.fd = fd
+        size = os.fstat(fd).st_size
+        if size < HEADER_SIZE:
+            raise RegionError(f"{path}: file is {size} bytes, smaller than the {HEADER_SIZE}-byte "
+                              "header; not a loadsvc region (or truncated); remove it to start afresh")
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        # A whole number of 8-byte words, so the region can be viewed as words.
+        self.mm = mmap.mmap(fd, size - size % 8, access=access)
+        try:
+            self._validate(size)
+        except BaseException:
+            self.mm.close()
+            raise
+        self.q = memoryview(self.mm).cast("Q")
+        self.seq_off, self.slots_off, self.slot_size = _layout(self.slot_count, self.payload_capacity)
+
+    def _validate(self, size: int) -> None:
+        (magic, version, header_size, fingerprint, slot_count, slot_size, capacity, _r,
+         created_ns) = _HEADER.unpack_from(self.mm, 0)
+        where = f"{self.path}"
+        if magic != MAGIC:
+            raise RegionError(f"{where}: bad magic {magic!r}, expected {MAGIC!r}; "
+                              "not a loadsvc region (or corrupt)")
+        if version != LAYOUT_VERSION:
+            raise RegionError(f"{where}: layout version {version}, this loadsvc reads version "
+                              f"{LAYOUT_VERSION}; restart every process on one loadsvc version")
+        if fingerprint != schema.SCHEMA_FINGERPRINT:
+            raise RegionError(f"{where}: schema fingerprint {fingerprint:#018x} differs from this "
+                              f"loadsvc's {schema.SCHEMA_FINGERPRINT:#018x}; the region was made by a "
+                              "loadsvc with another LoadSnapshot schema")
+        if header_size != HEADER_SIZE or not 1 <= slot_count <= MAX_SLOTS or not 0 < capacity <= 1 << 24:
+            raise RegionError(f"{where}: corrupt header (header size {header_size}, slot count "
+                              f"{slot_count}, payload capacity {capacity})")
+        _, slots_off, expect_slot = _layout(slot_count, capacity)
+        if slot_size != expect_slot:
+            raise RegionError(f"{where}: corrupt header (slot size {slot_size}, expected {expect_slot} "
+                              f"for payload capacity {capacity})")
+        need = slots_off + slot_count * slot_size
+        if size < need:
+            raise RegionError(f"{where}: file is {size} bytes, the header describes {need} "
+                              f"({slot_count} slots); truncated")
+        self.slot_count = slot_count
+        self.payload_capacity = capacity
+        self.created_ns = created_ns
+
+    def buffer_offset(self, rank: int, n: int) -> int:
+        return self.slots_off + rank * self.slot_size + (n & 1) * (self.slot_size // 2)
+
+    def close(self) -> None:
+        try:
+            self.q.release()
+            self.mm.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with the process
+        os.close(self.fd)
+
+
+def _create_or_open(path: Path, dp_size: int, payload_capacity: int, mode: int) -> int:
+    """Open path read-write, creating it atomically (complete header) if missing."""
+    try:
+        return os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        pass
+    if not 1 <= dp_size <= MAX_SLOTS:
+        raise ValueError(f"dp_size must be 1..{MAX_SLOTS}, got {dp_size}")
+    seq_off, slots_off, slot_size = _layout(dp_size, payload_capacity)
+    size = slots_off + dp_size * slot_size
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+    except OSError as e:
+        raise RegionError(f"cannot create region {path} (in {path.parent}): {e.strerror}") from e
+    try:
+        os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked
+        try:
+            # Reserve every page now: on a full /dev/shm this fails here with
+            # ENOSPC instead of a SIGBUS at the first publish.
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise RegionError(f"cannot create region {path}: {e.strerror} "
+                                  f"({size} bytes needed in {path.parent})") from e
+            os.ftruncate(fd, size)
+        header = _HEADER.pack(MAGIC, LAYOUT_VERSION, HEADER_SIZE, schema.SCHEMA_FINGERPRINT,
+                              dp_size, slot_size, payload_capacity, 0, time.time_ns())
+        os.pwrite(fd, header, 0)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            os.close(fd)  # someone else won the race; use theirs
+            return os.open(path, os.O_RDWR)
+        return fd
+    except BaseException:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        raise
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def create_region(path: str | os.PathLike[str], dp_size: int, *,
+                  payload_capacity: int = DEFAULT_PAYLOAD_CAPACITY, mode: int = 0o600) -> None:
+    """Create the region at path if missing (atomically); check dp_size if it exists.
+
+    For a server started with --dp-size before any publisher.
+    """
+    path = Path(path)
+    fd = _create_or_open(path, dp_size, payload_capacity, mode)
+    region = _Region(path, fd, writable=False)
+    try:
+        if region.slot_count != dp_size:
+            raise RegionError(f"{path}: region has dp_size {region.slot_count}, expected dp_size "
+                              f"{dp_size}; use the same --dp-size everywhere or remove the file")
+    finally:
+        region.close()
+
+
+# Ranks owned by publishers of this process, per region file (record locks are
+# per process, so a second publisher in the same process needs this check).
+_OWNED: set[tuple[int, int, int]] = set()
+
+
+class ShmPublisher:
+    """The engine side: publishes one rank's snapshots into the region.
+
+    ``ShmPublisher(path, dp_size=8, dp_rank=3)`` creates the region if it does
+    not exist (mode 0600 unless ``mode`` says otherwise) or attaches to it.
+    ``publish(snapshot)`` never blocks. ``maybe_publish(build)`` calls build()
+    and publishes on every ``interval``-th call, so a scheduler loop can call it
+    every iteration.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, dp_size: int, dp_rank: int,
+                 interval: int = 1, payload_capacity: int = DEFAULT_PAYLOAD_CAPACITY,
+                 mode: int = 0o600, _exclusive: bool = True) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in 0..{dp_size - 1} for dp_size={dp_size}, got {dp_rank}")
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        self.path = Path(path) if path is not None else default_path()
+        self.dp_size = dp_size
+        self.dp_rank = dp_rank
+        self.interval = interval
+        self._calls = 0
+        fd = _create_or_open(self.path, dp_size, payload_capacity, mode)
+        try:
+            self._region = _Region(self.path, fd, writable=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        r = self._region
+        if r.slot_count != dp_size:
+            r.close()
+            raise RegionError(f"{self.path}: region has dp_size {r.slot_count}, this publisher "
+                              f"expects dp_size {dp_size}; use the same --dp-size everywhere or "
+                              "remove the file")
+        self._owned: tuple[int, int, int] | None = None
+        if _exclusive:
+            self._claim()
+        self._q = r.q
+        self._mm = r.mm
+        self._seq_index = r.seq_off // 8 + dp_rank
+        self._capacity = r.payload_capacity
+        self._buffers = (r.buffer_offset(dp_rank, 0), r.buffer_offset(dp_rank, 1))
+        self._seq = self._q[self._seq_index]  # continue after a previous owner
+        self._encode = msgspec.msgpack.Encoder().encode
+        self.epoch = secrets.randbits(63) | 1
+
+    def _claim(self) -> None:
+        r = self._region
+        st = os.fstat(r.fd)
+        key = (st.st_dev, st.st_ino, self.dp_rank)
+        lock_at = r.slots_off + self.dp_rank * r.slot_size
+        if key in _OWNED:
+            r.close()
+            raise RegionError(f"{self.path}: dp_rank {self.dp_rank} already has a publisher in this "
+                              "process; one writer per rank")
+        try:
+            fcntl.lockf(r.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, lock_at)
+        except OSError as e:
+            r.close()
+            raise RegionError(f"{self.path}: dp_rank {self.dp_rank} is already published by another "
+                              "live process; one writer per rank (stop it first)") from e
+        _OWNED.add(key)
+        self._owned = key
+
+    @property
+    def seq(self) -> int:
+        """Sequence of the last publish (0 before the first)."""
+        return self._seq
+
+    def publish(self, snapshot: Any, *, publish_time_ns: int | None = None) -> int:
+        """Write snapshot into this rank's slot; return its sequence number.
+
+        Raises ValueError, leaving the slot untouched, when the snapshot's
+        dp_rank is not this publisher's or its encoding exceeds the slot.
+        publish_time_ns defaults to now (the relay passes its receive time).
+        """
+        if snapshot.dp_rank != self.dp_rank:
+            raise ValueError(f"snapshot.dp_rank={snapshot.dp_rank} but this publisher owns "
+                             f"dp_rank {self.dp_rank}")
+        payload = self._encode(snapshot)
+        size = len(payload)
+        if size > self._capacity:
+            raise ValueError(f"snapshot encodes to {size} bytes, more than the slot's payload "
+                             f"capacity of {self._capacity} bytes ({self.path}); nothing written")
+        n = self._seq + 1
+        t = publish_time_ns if publish_time_ns is not None else time.time_ns()
+        base = self._buffers[n & 1]
+        q = self._q
+        w = base >> 3
+        q[w] = 2 * n + 1
+        self._mm[base + BUFFER_HEADER:base + BUFFER_HEADER + size] = payload
+        q[w + 1] = t
+        q[w + 2] = size << 32 | zlib.crc32(payload, (n * _CRC_MUL ^ t) & 0xFFFFFFFF)
+        q[w] = 2 * n
+        q[self._seq_index] = n
+        self._seq = n
+        return n
+
+    def maybe_publish(self, build: Callable[[], Any]) -> bool:
+        """Call build() and publish its snapshot on every interval-th call; True if it did."""
+        self._calls += 1
+        if self._calls < self.interval:
+            return False
+        self._calls = 0
+        self.publish(build())
+        return True
+
+    def close(self) -> None:
+        if self._region is None:
+            return
+        self._q = self._mm = None  # type: ignore[assignment]
+        if self._owned is not None:
+            _OWNED.discard(self._owned)
+        self._region.close()  # closing the fd drops the record lock
+        self._region = None  # type: ignore[assignment]
+
+    def __enter__(self) -> ShmPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing sensible left to do
+            pass
+
+
+class ShmReader:
+    """The read side: lock-free, syscall-free reads with a decode cache per (rank, sequence).
+
+    ``ShmReader(path)`` takes dp_size from the header and raises RegionError
+    when the file is missing or invalid. ``read(rank)`` returns the rank's
+    latest snapshot, with ``seq`` and ``publish_time_ns`` filled in, or None
+    when it was never published (or has never been read intact).
+    ``read_all()`` returns the published ranks in ascending order; when no
+    rank changed it costs one copy and one comparison of the sequence words.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 stale_after: float = DEFAULT_STALE_AFTER,
+                 unreachable_after: float = DEFAULT_UNREACHABLE_AFTER) -> None:
+        self.path = Path(path) if path is not None else default_path()
+        self.stale_after = stale_after
+        self.unreachable_after = unreachable_after
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise RegionError(f"{self.path}: no region file (has any publisher or `loadsvc serve "
+                              "--dp-size N` started?)") from None
+        try:
+            self._region = _Region(self.path, fd, writable=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        r = self._region
+        self.dp_size = r.slot_count
+        self.payload_capacity = r.payload_capacity
+        self._q = r.q
+        self._mm = r.mm
+        self._seq_base = r.seq_off // 8
+        self._seq_bytes = (r.seq_off, r.seq_off + 8 * r.slot_count)
+        self._decode = msgspec.msgpack.Decoder(LoadSnapshot).decode
+        self._cache: list[Any] = [None] * self.dp_size  # last good snapshot per rank
+        self._cache_seq = [0] * self.dp_size
+        self._slots_off = r.slots_off
+        self._slot_size = r.slot_size
+        self._seq_struct = struct.Struct(f"<{self.dp_size}Q")
+        self._all_key = b""
+        self._all: list[Any] = []
+        self.torn_retries = 0  # buffer changed or checksum failed during a copy
+        self.unavailable = 0  # reads that gave up after READ_RETRIES
+        self.corrupt = 0  # intact-checksum payloads that failed to decode or named another rank
+        stat = os.fstat(fd)
+        self._identity = (stat.st_dev, stat.st_ino)
+
+    def read(self, rank: int) -> Any:
+        """The latest snapshot of rank (None if never published); raises IndexError if out of range."""
+        if not 0 <= rank < self.dp_size:
+            raise IndexError(f"dp_rank {rank} out of range 0..{self.dp_size - 1} ({self.path})")
+        n = self._q[self._seq_base + rank]
+        if n == self._cache_seq[rank]:
+            return self._cache[rank]
+        return self._refresh(rank, n)
+
+    def _refresh(self, rank: int, n: int) -> Any:
+        # Hot path when a rank changed: kept flat (no helper calls) on purpose.
+        q, mm = self._q, self._mm
+        slot = self._slots_off + rank * self._slot_size
+        half = self._slot_size >> 1
+        for _ in range(READ_RETRIES):
+            if n == 0:
+                return self._cache[rank]
+            base = slot + (n & 1) * half
+            w = base >> 3
+            state, t, lc, _r = _BUFFER_HEADER.unpack_from(mm, base)
+            if state == 2 * n and (lc >> 32) <= self.payload_capacity:
+                data = mm[base + BUFFER_HEADER:base + BUFFER_HEADER + (lc >> 32)]
+                if q[w] == state and zlib.crc32(data, (n * _CRC_MUL ^ t) & 0xFFFFFFFF) == lc & 0xFFFFFFFF:
+                    try:
+                        snap = self._decode(data)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        snap = None
+                    if snap is None or snap.dp_rank != rank:
+                        self.corrupt += 1
+                        return self._cache[rank]
+                    snap.seq = n
+                    snap.publish_time_ns = t
+                    self._cache[rank] = snap
+                    self._cache_seq[rank] = n
+                    return snap
+            self.torn_retries += 1
+            n = q[self._seq_base + rank]
+            if n == self._cache_seq[rank]:
+                return self._cache[rank]
+        self.unavailable += 1
+        return self._cache[rank]
+
+    def read_all(self) -> list[Any]:
+        """Snapshots of every published rank, ascending rank; cheap when nothing changed."""
+        a, b = self._seq_bytes
+        key = self._mm[a:b]
+        if key == self._all_key:
+            return self._all
+        seqs = list(self._seq_struct.unpack(key))
+        cache, cache_seq = self._cache, self._cache_seq
+        out = []
+        for rank, n in enumerate(seqs):
+            if n != cache_seq[rank]:
+                self._refresh(rank, n)
+            if cache[rank] is not None:
+                out.append(cache[rank])
+        self._all = out
+        # Remember the key only when every rank was read at that sequence, so a
+        # rank that could not be read intact is retried on the next call.
+        self._all_key = key if seqs == cache_seq else b""
+        return out
+
+    def sequences(self) -> list[int]:
+        """The sequence word of every rank (0 = never published)."""
+        a, b = self._seq_bytes
+        return list(self._seq_struct.unpack(self._mm[a:b]))
+
+    def freshness(self, snapshot: Any, now_ns: int | None = None) -> tuple[Any, float]:
+        """(Status, age_ms) of a snapshot under this reader's stale/unreachable bounds."""
+        return freshness(snapshot.publish_time_ns if snapshot is not None else 0,
+                         now_ns if now_ns is not None else time.time_ns(),
+                         self.stale_after, self.unreachable_after)
+
+    def region_replaced(self) -> bool:
+        """True when the path no longer names the file this reader mapped (removed or recreated).
+
+        A syscall; call it from a periodic check, not on every read.
+        """
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        if (st.st_dev, st.st_ino) != self._identity:
+            return True
+        return st.st_size < self._region.mm.size()
+
+    def close(self) -> None:
+        if self._region is None:
+            return
+        self._q = self._mm = None  # type: ignore[assignment]
+        self._region.close()
+        self._region = None  # type: ignore[assignment]
+
+    def __enter__(self) -> ShmReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing sensible left to do
+            pass
