@@ -1,0 +1,400 @@
+"""The read side shared by every surface: one region, freshness, aggregate, encode once per change.
+
+    region --ShmReader.read_all()--> LoadStore.poll() --> View (immutable)
+                                         |                  |-- snapshots with status and age_ms
+                                         |                  |-- encoded(key, build): bytes memoized
+                                         v                      per (view, filter, format)
+                                  change_version  --> wakes WatchLoads subscribers
+
+A View is rebuilt when a rank publishes (new sequence), when a rank's status
+changes, and every TICK seconds so ages stay current. It is immutable: every
+request served from one View sees the same numbers, and each distinct response
+(per filter and format) is encoded once per View and its bytes shared.
+
+``change_version`` moves only on a new sequence or a new status, which is what
+WatchLoads subscribers wait for; the TICK rebuild refreshes ages for REST,
+GetLoads and heartbeats without waking subscribers.
+
+The store attaches to the region lazily: with ``dp_size`` it creates the region
+if missing; without, it reports no ranks until a publisher creates it. It
+re-attaches when the file is removed or replaced (``attached`` is False in
+between, which health reports as NOT_SERVING).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+
+from loadsvc import __version__, schema
+from loadsvc.schema import SECTIONS, AggregateMetrics, Status
+from loadsvc.settings import StoreSettings
+from loadsvc.shm import RegionError, ShmReader, create_region, freshness
+
+__all__ = ["LoadStore", "View", "Selection", "parse_include", "BadRequest", "INCLUDE_TOKENS",
+           "snapshot_dict", "response_dict", "response_proto"]
+
+log = logging.getLogger("loadsvc.store")
+
+TICK = 0.1  # seconds between rebuilds for ages and status transitions
+ATTACH_RETRY = 0.5  # seconds between attempts to attach / checks that the file is still there
+INCLUDE_TOKENS = ("core", "all", *SECTIONS)
+
+
+class BadRequest(ValueError):
+    """A request value out of range; the message names the field."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def parse_include(tokens: Iterable[str]) -> frozenset[str]:
+    """Include tokens -> the set of section field names selected.
+
+    Tokens may also be comma-separated inside one string ("core,memory").
+    No tokens, or "all", selects every section; "core" alone selects none.
+    """
+    selected: set[str] = set()
+    everything = False
+    seen_any = False
+    for raw in tokens:
+        for token in raw.split(","):
+            token = token.strip().lower()
+            if not token:
+                continue
+            seen_any = True
+            if token == "all":
+                everything = True
+            elif token == "core":
+                pass
+            elif token in SECTIONS:
+                selected.add(SECTIONS[token])
+            else:
+                raise BadRequest("include", f"unknown token {token!r}; expected one of "
+                                            f"{', '.join(INCLUDE_TOKENS)}")
+    if everything or not seen_any:
+        return frozenset(SECTIONS.values())
+    return frozenset(selected)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which ranks and sections a request wants (hashable: a cache key)."""
+
+    dp_rank: int | None = None
+    sections: frozenset[str] = frozenset(SECTIONS.values())
+
+    @classmethod
+    def parse(cls, dp_rank: int | None, include: Iterable[str], dp_size: int | None) -> Selection:
+        if dp_rank is not None:
+            if dp_rank < 0:
+                raise BadRequest("dp_rank", f"must be >= 0, got {dp_rank}")
+            if dp_size is not None and dp_rank >= dp_size:
+                raise BadRequest("dp_rank", f"{dp_rank} out of range; this deployment has ranks "
+                                            f"0..{dp_size - 1}")
+        return cls(dp_rank, parse_include(include))
+
+
+_ISO = "%Y-%m-%dT%H:%M:%S.%f+00:00"
+
+
+@dataclass
+class View:
+    """One immutable picture of every published rank, with encodings memoized per key."""
+
+    version: int  # moves on every rebuild
+    change_version: int  # moves only on a new sequence or status
+    dp_size: int  # 0 while no region is attached
+    snapshots: tuple[Any, ...]  # LoadSnapshot copies with status and age_ms filled, by rank
+    built_ns: int
+    timestamp: str
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def select(self, sel: Selection) -> tuple[Any, ...]:
+        if sel.dp_rank is None:
+            return self.snapshots
+        return tuple(s for s in self.snapshots if s.dp_rank == sel.dp_rank)
+
+    def signature(self, sel: Selection) -> tuple[tuple[int, int, Any], ...]:
+        """(rank, seq, status) of the selected ranks: what a watcher compares."""
+        key = ("sig", sel.dp_rank)
+        sig = self._memo.get(key)
+        if sig is None:
+            sig = tuple((s.dp_rank, s.seq, s.status) for s in self.select(sel))
+            self._memo[key] = sig
+        return sig
+
+    def aggregate(self, sel: Selection) -> Any:
+        """Totals and averages over the selected ranks that are not unreachable."""
+        key = ("agg", sel.dp_rank)
+        agg = self._memo.get(key)
+        if agg is None:
+            live = [s for s in self.select(sel) if s.status is not Status.UNREACHABLE]
+            n = len(live) or 1
+            agg = AggregateMetrics(
+                total_running_reqs=sum(s.num_running_reqs for s in live),
+                total_waiting_reqs=sum(s.num_waiting_reqs for s in live),
+                total_reqs=sum(s.num_total_reqs for s in live),
+                avg_token_usage=sum(s.token_usage for s in live) / n,
+                avg_throughput=sum(s.gen_throughput for s in live) / n,
+                avg_utilization=sum(s.utilization for s in live) / n,
+            )
+            self._memo[key] = agg
+        return agg
+
+    def encoded(self, key: Any, build: Callable[[View], Any]) -> Any:
+        """build(self), computed once per View and key; the same object for every caller."""
+        try:
+            return self._memo[key]
+        except KeyError:
+            value = self._memo[key] = build(self)
+            return value
+
+
+class LoadStore:
+    """One region's read side. Create it, then ``await start()`` in the serving loop.
+
+    ``view()`` is synchronous and cheap; it also refreshes on demand, so a store
+    whose poll task is not running (an engine's own app) still serves fresh data.
+    ``wait_change(after, timeout)`` is what streaming subscribers await.
+    """
+
+    def __init__(self, settings: StoreSettings, *, clock: Callable[[], int] = time.time_ns) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._reader: ShmReader | None = None
+        self._last_list: list[Any] | None = None
+        self._statuses: tuple[Any, ...] = ()
+        self._version = 0
+        self._change_version = 0
+        self._view = self._build([], 0, self._clock())
+        self._next_tick = 0
+        self._next_attach = 0.0
+        self._attach_error: str | None = None
+        self._changed: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._attach_listeners: list[Callable[[bool], None]] = []
+        self._try_attach()
+
+    # -- region ------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        return self._reader is not None
+
+    @property
+    def dp_size(self) -> int | None:
+        return self._reader.dp_size if self._reader is not None else None
+
+    @property
+    def attach_error(self) -> str | None:
+        """Why the region is not attached (None when attached)."""
+        return self._attach_error
+
+    def on_attach_change(self, callback: Callable[[bool], None]) -> None:
+        """Call callback(attached) whenever the store attaches or loses the region."""
+        self._attach_listeners.append(callback)
+
+    def _set_reader(self, reader: ShmReader | None) -> None:
+        was = self._reader is not None
+        if self._reader is not None and reader is not self._reader:
+            self._reader.close()
+        self._reader = reader
+        self._last_list = None
+        if was != (reader is not None):
+            for cb in self._attach_listeners:
+                cb(reader is not None)
+
+    def _try_attach(self) -> None:
+        s = self.settings
+        try:
+            if s.dp_size is not None:
+                create_region(s.shm, s.dp_size, mode=s.region_mode)
+            reader = ShmReader(s.shm, stale_after=s.stale_after, unreachable_after=s.unreachable_after)
+        except (RegionError, OSError) as e:
+            if str(e) != self._attach_error:
+                log.warning("region not attached: %s", e)
+            self._attach_error = str(e)
+            return
+        log.info("attached region %s (%d ranks)", s.shm, reader.dp_size)
+        self._attach_error = None
+        self._set_reader(reader)
+
+    def _check_region(self) -> None:
+        """Periodic (not per read): re-attach when the file is gone, replaced or truncated."""
+        if self._reader is None:
+            self._try_attach()
+            return
+        if self._reader.region_replaced():
+            log.warning("region %s was removed or replaced; re-attaching", self.settings.shm)
+            self._set_reader(None)
+            self._attach_error = f"{self.settings.shm}: region file removed or replaced"
+            self._try_attach()
+
+    # -- views -------------------------------------------------------------
+
+    def _build(self, snaps: list[Any], dp_size: int, now_ns: int) -> View:
+        s = self.settings
+        out = []
+        statuses = []
+        for snap in snaps:
+            status, age_ms = freshness(snap.publish_time_ns, now_ns, s.stale_after, s.unreachable_after)
+            out.append(msgspec.structs.replace(snap, status=status, age_ms=round(age_ms, 3)))
+            statuses.append((snap.dp_rank, status))
+        statuses_t = tuple(statuses)
+        if statuses_t != self._statuses:
+            self._change_version += 1
+            self._statuses = statuses_t
+        self._version += 1
+        ts = datetime.fromtimestamp(now_ns / 1e9, timezone.utc).strftime(_ISO)
+        return View(self._version, self._change_version, dp_size, tuple(out), now_ns, ts)
+
+    def poll(self) -> bool:
+        """Look at the region now; rebuild the view if anything changed. True on a change."""
+        now = self._clock()
+        if now >= self._next_attach:
+            self._next_attach = now + int(ATTACH_RETRY * 1e9)
+            self._check_region()
+        reader = self._reader
+        if reader is None:
+            if self._view.dp_size or self._view.snapshots:
+                self._change_version += 1
+                self._view = self._build([], 0, now)
+                self._statuses = ()
+                self._notify()
+                return True
+            return False
+        snaps = reader.read_all()
+        if snaps is self._last_list and now < self._next_tick:
+            return False
+        before = self._change_version
+        if snaps is not self._last_list:
+            self._change_version += 1  # a new sequence on some rank
+            self._last_list = snaps
+        self._next_tick = now + int(TICK * 1e9)
+        self._view = self._build(snaps, reader.dp_size, now)
+        if self._change_version != before:
+            self._notify()
+            return True
+        return False
+
+    def view(self) -> View:
+        """The current view, refreshed on demand."""
+        if self._task is None:
+            self.poll()
+        return self._view
+
+    @property
+    def change_version(self) -> int:
+        return self._change_version
+
+    # -- async side ----------------------------------------------------------
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def wait_change(self, after: int, timeout: float | None) -> bool:
+        """Wait until change_version > after (True) or timeout seconds pass (False)."""
+        while self._change_version <= after:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            event = self._changed
+            try:
+                if timeout is None:
+                    await event.wait()
+                else:
+                    await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                return self._change_version > after
+        return True
+
+    async def start(self) -> None:
+        """Run the poll loop in the current event loop (idempotent)."""
+        if self._task is None:
+            self._changed = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="loadsvc-store")
+
+    async def _run(self) -> None:
+        interval = self.settings.poll_interval
+        while not self._closed:
+            try:
+                self.poll()
+            except Exception:  # never let one bad poll kill serving; counted in the log
+                log.exception("store poll failed; retrying")
+                await asyncio.sleep(ATTACH_RETRY)
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._changed is not None:
+            self._changed.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._set_reader(None)
+
+    # -- counters for /metrics -------------------------------------------------
+
+    def reader_counters(self) -> dict[str, int]:
+        r = self._reader
+        if r is None:
+            return {"torn_retries": 0, "unavailable": 0, "corrupt": 0}
+        return {"torn_retries": r.torn_retries, "unavailable": r.unavailable, "corrupt": r.corrupt}
+
+
+def snapshot_dict(snap: Any, sections: frozenset[str]) -> dict[str, Any]:
+    """The JSON shape of one rank (DESIGN.md): core keys, selected sections present, status, age."""
+    out = {name: getattr(snap, name) for name in schema.CORE_FIELDS}
+    for name in SECTIONS.values():
+        if name in sections:
+            value = getattr(snap, name)
+            if value is not None:
+                out[name] = schema.to_dict(value)
+    out["status"] = snap.status.value
+    out["age_ms"] = snap.age_ms
+    out["seq"] = snap.seq
+    return out
+
+
+def response_dict(view: View, sel: Selection) -> dict[str, Any]:
+    """The JSON body of GET /v1/loads (SGLang-compatible)."""
+    return {
+        "timestamp": view.timestamp,
+        "version": __version__,
+        "dp_rank_count": view.dp_size,
+        "loads": [snapshot_dict(s, sel.sections) for s in view.select(sel)],
+        "aggregate": schema.to_dict(view.aggregate(sel)),
+    }
+
+
+def response_proto(view: View, sel: Selection) -> Any:
+    """GetLoadsResponse (loadsvc.v1; wire-identical to SGLang's) for a selection."""
+    from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
+
+    resp = pb.GetLoadsResponse(timestamp=view.timestamp, version=__version__, dp_rank_count=view.dp_size)
+    for snap in view.select(sel):
+        msg = resp.loads.add()
+        schema.to_proto(snap, msg)
+        for name in SECTIONS.values():
+            if name not in sel.sections:
+                msg.ClearField(name)
+    schema.to_proto(view.aggregate(sel), resp.aggregate)
+    return resp
