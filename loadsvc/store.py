@@ -273,6 +273,12 @@ class LoadStore:
                 self._notify()
                 return True
             return False
+        if not reader.mapping_intact():
+            log.error("region %s was truncated under the server; detaching until it is valid again",
+                      self.settings.shm)
+            self._set_reader(None)
+            self._attach_error = f"{self.settings.shm}: region file truncated"
+            return self.poll()
         snaps = reader.read_all()
         if snaps is self._last_list and now < self._next_tick:
             return False
