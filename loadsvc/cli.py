@@ -307,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "simulate":
         from loadsvc.simulate import run_simulate
 
-        return run_simulate(_simulate_settings(args))
+        try:
+            simulate_settings = _simulate_settings(args)
+        except SystemExit as e:  # flags that do not fit together: a usage error, exit 2
+            print(e.code, file=sys.stderr)
+            return 2
+        return run_simulate(simulate_settings)
     if cmd == "demo":
         from loadsvc.demo import run_demo
 
