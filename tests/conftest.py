@@ -1,0 +1,152 @@
+"""Shared fixtures: free loopback ports, unique region files, a `loadsvc serve` subprocess.
+
+    free_port()                        a TCP port free on 127.0.0.1 right now
+    shm_path (fixture)                 a unique /dev/shm/loadsvc-test-*.shm path, removed afterwards
+    start_serve(shm, ...)              `python -m loadsvc serve` on free ports, returned once both
+                                       ports accept connections (ServeProcess)
+    serve_process (fixture)            a factory around start_serve that stops what it started
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from loadsvc import default_path
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on at 127.0.0.1 (bound to port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when port can be bound again (nobody listening on it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def port_answers(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def shm_path() -> Iterator[Path]:
+    """A region path unique to this test; the file is removed afterwards."""
+    path = default_path(f"test-{os.getpid()}-{uuid.uuid4().hex[:10]}")
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@dataclass
+class ServeProcess:
+    """A running `loadsvc serve` subprocess; its output goes to a log file (see log())."""
+
+    proc: subprocess.Popen[bytes]
+    shm: Path
+    grpc_port: int
+    http_port: int
+    log_path: Path
+    host: str = "127.0.0.1"
+    _log_file: object = field(default=None, repr=False)
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait up to timeout; returns the exit code (kills and fails past the timeout)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"loadsvc serve did not stop within {timeout} s of SIGTERM; "
+                                     f"log:\n{self.log()}") from None
+        return self.proc.returncode
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.stop()
+        finally:
+            if self._log_file is not None:
+                self._log_file.close()  # type: ignore[attr-defined]
+            self.log_path.unlink(missing_ok=True)
+
+
+def start_serve(shm: Path, *, dp_size: int | None = None, args: Sequence[str] = (),
+                env: dict[str, str] | None = None, grpc_port: int | None = None,
+                http_port: int | None = None, timeout: float = 20.0) -> ServeProcess:
+    """Start `python -m loadsvc serve --shm shm` on free loopback ports and wait until both answer."""
+    grpc_port = grpc_port or free_port()
+    http_port = http_port or free_port()
+    while http_port == grpc_port:
+        http_port = free_port()
+    cmd = [sys.executable, "-m", "loadsvc", "serve", "--shm", str(shm),
+           "--grpc-port", str(grpc_port), "--http-port", str(http_port), *args]
+    if dp_size is not None:
+        cmd += ["--dp-size", str(dp_size)]
+    fd, log_name = tempfile.mkstemp(prefix="loadsvc-serve-", suffix=".log")
+    log_file = os.fdopen(fd, "wb")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
+    server = ServeProcess(proc, shm, grpc_port, http_port, Path(log_name), _log_file=log_file)
+    deadline = time.monotonic() + timeout
+    while not (port_answers(grpc_port) and port_answers(http_port)):
+        if proc.poll() is not None:
+            text = server.log()
+            server.close()
+            raise AssertionError(f"loadsvc serve exited with {proc.returncode} before listening:\n{text}")
+        if time.monotonic() > deadline:
+            text = server.log()
+            server.close()
+            raise AssertionError(f"loadsvc serve did not listen within {timeout} s:\n{text}")
+        time.sleep(0.05)
+    return server
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    """Factory: serve_process(shm, dp_size=..., args=...) -> ServeProcess, stopped after the test."""
+    started: list[ServeProcess] = []
+
+    def start(shm: Path, **kwargs: object) -> ServeProcess:
+        server = start_serve(shm, **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()

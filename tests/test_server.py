@@ -1,0 +1,171 @@
+"""loadsvc/server.py through the real `loadsvc serve` process: ports, surfaces, signals, auth."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import free_port, port_is_free
+from loadsvc import LoadSnapshot, MemoryMetrics, ShmPublisher
+from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
+from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
+from loadsvc._proto.sglang.grpc.scheduler import sglang_scheduler_pb2 as sg
+from loadsvc._proto.sglang.grpc.scheduler import sglang_scheduler_pb2_grpc as sg_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StreamReader:
+    """Reads a (sync) WatchLoads call on a thread into a queue; next(timeout) takes one item."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.items: queue.Queue[Any] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for msg in self.call:
+                self.items.put(msg)
+        except grpc.RpcError as e:
+            self.items.put(e)
+
+    def next(self, timeout: float = 2.0) -> Any:
+        item = self.items.get(timeout=timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+@pytest.fixture
+def channel_to() -> Iterator[Any]:
+    channels: list[grpc.Channel] = []
+
+    def open_channel(target: str) -> grpc.Channel:
+        ch = grpc.insecure_channel(target)
+        channels.append(ch)
+        return ch
+
+    yield open_channel
+    for ch in channels:
+        ch.close()
+
+
+def test_serve_surfaces_and_sigterm(shm_path: Path, serve_process: Any, channel_to: Any) -> None:
+    server = serve_process(shm_path, dp_size=4)
+    log = server.log()
+    assert f"gRPC listening on 127.0.0.1:{server.grpc_port}" in log
+    assert f"REST listening on http://127.0.0.1:{server.http_port}/v1/loads" in log
+    with ShmPublisher(shm_path, dp_size=4, dp_rank=2) as pub:
+        pub.publish(LoadSnapshot(dp_rank=2, num_running_reqs=7, token_usage=0.5,
+                                 memory=MemoryMetrics(weight_gb=3.0)))
+        ch = channel_to(server.grpc_target)
+        stub = pb_grpc.LoadServiceStub(ch)
+        deadline = time.monotonic() + 3
+        while not (resp := stub.GetLoads(pb.GetLoadsRequest(), timeout=2)).loads:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert resp.dp_rank_count == 4
+        (load,) = resp.loads
+        assert (load.dp_rank, load.num_running_reqs, load.token_usage, load.memory.weight_gb) == (2, 7, 0.5, 3.0)
+        assert load.status == pb.LOAD_STATUS_HEALTHY
+
+        sg_resp = sg_grpc.SglangSchedulerStub(ch).GetLoads(sg.GetLoadsRequest(dp_rank=2), timeout=2)
+        assert [(s.dp_rank, s.num_running_reqs) for s in sg_resp.loads] == [(2, 7)]
+
+        with pytest.raises(grpc.RpcError) as err:  # a bad request, then the server still answers
+            stub.GetLoads(pb.GetLoadsRequest(dp_rank=4), timeout=2)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dp_rank" in err.value.details()
+
+        rest = httpx.get(f"{server.http_url}/v1/loads", timeout=5)
+        assert rest.status_code == 200
+        assert [(x["dp_rank"], x["num_running_reqs"]) for x in rest.json()["loads"]] == [(2, 7)]
+
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert health.status == SERVING
+
+        stream = StreamReader(stub.WatchLoads(pb.WatchLoadsRequest(dp_rank=2)))
+        assert stream.next().loads[0].seq == 1
+        t0 = time.monotonic()
+        seq = pub.publish(LoadSnapshot(dp_rank=2, num_running_reqs=8))
+        while (msg := stream.next()).loads[0].seq != seq:
+            pass
+        assert msg.loads[0].num_running_reqs == 8 and time.monotonic() - t0 < 0.5
+
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as err:  # the stream ends with a status
+            while True:
+                stream.next(timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+    assert port_is_free(server.grpc_port) and port_is_free(server.http_port)
+    assert "stopped" in server.log()
+
+
+def test_serve_waits_for_region_then_serves(shm_path: Path, serve_process: Any, channel_to: Any) -> None:
+    server = serve_process(shm_path)  # no --dp-size: waits for a publisher to create the region
+    ch = channel_to(server.grpc_target)
+    health = health_pb2_grpc.HealthStub(ch)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == NOT_SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="loadsvc.v1.LoadService"),
+                        timeout=2).status == NOT_SERVING
+    stub = pb_grpc.LoadServiceStub(ch)
+    resp = stub.GetLoads(pb.GetLoadsRequest(), timeout=2)
+    assert resp.dp_rank_count == 0 and not resp.loads
+    assert not shm_path.exists()
+    with ShmPublisher(shm_path, dp_size=2, dp_rank=1) as pub:
+        pub.publish(LoadSnapshot(dp_rank=1, num_waiting_reqs=4))
+        deadline = time.monotonic() + 5
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=2).status != SERVING:
+            assert time.monotonic() < deadline, "health never turned SERVING"
+            time.sleep(0.05)
+        resp = stub.GetLoads(pb.GetLoadsRequest(), timeout=2)
+        assert resp.dp_rank_count == 2
+        assert [(x.dp_rank, x.num_waiting_reqs) for x in resp.loads] == [(1, 4)]
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(10) == 0
+
+
+def test_serve_api_key(shm_path: Path, serve_process: Any, channel_to: Any) -> None:
+    server = serve_process(shm_path, dp_size=1, env={"LOADSVC_API_KEY": "k-123"})
+    ch = channel_to(server.grpc_target)
+    stub = pb_grpc.LoadServiceStub(ch)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetLoads(pb.GetLoadsRequest(), timeout=2)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    resp = stub.GetLoads(pb.GetLoadsRequest(), metadata=(("authorization", "Bearer k-123"),), timeout=2)
+    assert resp.dp_rank_count == 1
+    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    assert health.status == SERVING
+    assert server.stop() == 0
+
+
+def test_serve_port_in_use_fails_with_a_message(shm_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flag, other in (("--grpc-port", "--http-port"), ("--http-port", "--grpc-port")):
+            proc = subprocess.run(
+                [sys.executable, "-m", "loadsvc", "serve", "--shm", str(shm_path), "--dp-size", "1",
+                 flag, str(port), other, str(free_port())],
+                capture_output=True, text=True, timeout=30)
+            assert proc.returncode == 1, proc.stderr
+            assert f"cannot listen for {'gRPC' if flag == '--grpc-port' else 'REST'}" in proc.stderr
+            assert str(port) in proc.stderr and "Traceback" not in proc.stderr
