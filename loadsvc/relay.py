@@ -1,0 +1,792 @@
+"""The cross-node path: engines on other nodes push snapshots over ZMQ into node 0's region.
+
+    node 1..k                                   node 0 (`loadsvc serve --collect tcp://0.0.0.0:5557`)
+    ZmqPublisher(rank r)  --PUSH, CURVE-->  Collector (PULL, bind, own thread)
+      publish(snapshot)                       validate: size, header, fingerprint, dp_size,
+      one frame: header + msgpack             rank, decode, payload rank, epoch/seq
+      only the latest kept while away             | valid          | invalid
+                                                  v                v
+                                      ShmPublisher(rank r).publish  counted per reason,
+                                      (publish time = receive time) logged (rate limited)
+                                                  v
+                                      region -> LoadStore -> gRPC / REST (as local ranks)
+
+Frame (one ZMQ message part, little-endian):
+
+    offset  size  field
+         0     3  magic b"LSR"
+         3     1  frame version (1)
+         4     4  dp_rank (uint32)   must equal the payload's dp_rank
+         8     4  dp_size (uint32)   must equal the region's
+        12     8  schema fingerprint (loadsvc.schema.SCHEMA_FINGERPRINT)
+        20     8  epoch (uint64, random per ZmqPublisher instance, never 0)
+        28     8  seq (uint64, 1, 2, ... per publisher)
+        36     -  payload: msgpack of LoadSnapshot (array form, as in the region)
+
+The payload's own ``epoch``, ``seq`` and ``publish_time_ns`` are not trusted:
+the collector stamps the header's epoch, the region assigns its own sequence,
+and the publish time is the collector's receive time, so a node whose clock is
+skewed can make a rank look neither fresher nor older than it is.
+
+Ordering, per rank (the collector keeps (epoch, seq) of the last accepted frame
+and the epochs it has seen replaced):
+
+- same epoch: accepted only if seq is larger (a replayed or reordered frame
+  cannot move a rank backwards): otherwise ``stale_seq``.
+- an epoch never seen for that rank: a restarted publisher (its seq starts
+  again at 1). Accepted; the previous epoch joins the rank's retired epochs.
+- a retired epoch: ``old_epoch``. An incarnation that was replaced never comes
+  back, so a delayed frame from before a restart, or a second (misconfigured)
+  publisher for the same rank, cannot flip the rank back. Epochs carry no
+  clock (a restarted rank may move to a node whose clock is behind), so "newer"
+  means "seen later by this collector". The last RETIRED_EPOCHS epochs per rank
+  are remembered; a collector restart forgets them (the first frame wins).
+
+Freshness: a node that stops publishing turns its ranks stale after the store's
+``stale_after`` and unreachable after ``unreachable_after`` (both measured from
+the collector's receive time); its next frame (a new epoch if it restarted)
+makes them healthy again, without restarting serve.
+
+Threading: the collector runs its ZMQ socket in a thread of its own, so a busy
+serving event loop (hundreds of WatchLoads subscribers, REST under load) never
+delays writes into the region, and a region write never stalls the loop. The
+serving process drives it with ``await start()`` / ``await stop()``; scripts
+and tests may use it as a context manager.
+
+Authentication: with ``ServeSettings.curve`` the socket is a CURVE server and
+pyzmq's ZAP authenticator admits only public certificates found in
+``authorized_dir`` (re-read when the directory changes). A refused handshake is
+counted as reason ``unauthorized``; such a peer never delivers a frame (it
+retries every HANDSHAKE_RETRY seconds, so a key authorized later gets in). Without
+CURVE the relay is open to anyone who can reach the port: use CURVE on any
+shared network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
+
+from loadsvc import schema
+from loadsvc.schema import LoadSnapshot
+from loadsvc.settings import CurveClientSettings, CurveServerSettings, ServeSettings
+from loadsvc.shm import DEFAULT_PAYLOAD_CAPACITY, RegionError, ShmPublisher, ShmReader
+
+__all__ = [
+    "ZmqPublisher",
+    "Collector",
+    "generate_keys",
+    "encode_frame",
+    "REJECT_REASONS",
+    "FRAME_HEADER",
+    "FRAME_MAGIC",
+    "FRAME_VERSION",
+]
+
+log = logging.getLogger("loadsvc.relay")
+
+FRAME_MAGIC = b"LSR"
+FRAME_VERSION = 1
+# magic+version, dp_rank, dp_size, fingerprint, epoch, seq
+FRAME_HEADER = struct.Struct("<4sIIQQQ")
+_MAGIC_VERSION = FRAME_MAGIC + bytes([FRAME_VERSION])
+
+RETIRED_EPOCHS = 16  # replaced incarnations remembered per rank
+LOG_EVERY = 10.0  # seconds: at most one log line per reject reason in this interval
+CLAIM_RETRY = 2.0  # seconds before retrying a rank owned by a local publisher
+REGION_CHECK = 1.0  # seconds between checks that the region file is still the same
+AUTH_RELOAD = 2.0  # seconds between looks at the authorized directory
+HEARTBEAT_IVL_MS = 1000  # ZMTP heartbeats: a dead peer is noticed within ~3 s
+HEARTBEAT_TIMEOUT_MS = 3000
+HANDSHAKE_RETRY = 2.0  # seconds: a publisher whose handshake was refused tries again
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+# Every reason a frame (or, for the two handshake reasons, a connection) is refused.
+REJECT_REASONS: dict[str, str] = {
+    "oversized": "frame larger than --max-frame-bytes",
+    "malformed": "not a single-part message",
+    "short": "shorter than the frame header",
+    "bad_magic": "does not start with the relay's magic bytes",
+    "bad_version": "frame version this collector does not read",
+    "fingerprint": "schema fingerprint differs (publisher runs another LoadSnapshot schema)",
+    "bad_header": "epoch or seq is 0",
+    "dp_size_mismatch": "publisher's dp_size differs from the region's",
+    "rank_out_of_range": "dp_rank outside the region's dp_size",
+    "decode": "payload does not decode as a LoadSnapshot (or an int is out of its range)",
+    "rank_mismatch": "payload's dp_rank differs from the header's",
+    "stale_seq": "seq not newer than the last accepted for that rank and epoch (replay, reorder)",
+    "old_epoch": "epoch of a publisher incarnation already replaced by a newer one",
+    "no_region": "no region yet and no --dp-size to create one",
+    "rank_owned": "a local publisher owns that rank",
+    "slot_overflow": "snapshot larger than the region's slot",
+    "region_error": "the region could not be opened for writing",
+    "unauthorized": "CURVE handshake refused: key not in the authorized directory (per attempt)",
+    "handshake_failed": "handshake failed (wrong server key, or CURVE on one side only; per attempt)",
+}
+
+
+def encode_frame(payload: bytes, *, dp_rank: int, dp_size: int, epoch: int, seq: int,
+                 fingerprint: int = schema.SCHEMA_FINGERPRINT) -> bytes:
+    """One relay frame: header + already encoded payload (tests build bad frames with it)."""
+    return FRAME_HEADER.pack(_MAGIC_VERSION, dp_rank, dp_size, fingerprint, epoch, seq) + payload
+
+
+# -- keys ----------------------------------------------------------------------
+
+
+def generate_keys(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
+    """Write DIR/NAME.key (public) and DIR/NAME.key_secret (mode 0600) in pyzmq's format.
+
+    An existing, readable pair is kept as it is (delete both files to rotate),
+    so a start-up script may call this every time.
+    """
+    directory = Path(directory)
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"key name must be a plain file name, got {name!r}")
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    if public.exists() and secret.exists():
+        try:
+            pub, sec = zmq.auth.load_certificate(secret)
+            if sec is not None and zmq.auth.load_certificate(public)[0] == pub:
+                log.info("keeping the existing key pair %s, %s", public, secret)
+                return public, secret
+        except (OSError, ValueError):
+            pass
+        raise ValueError(f"{public} and {secret} exist but are not a matching key pair; "
+                         "remove them to generate a new one")
+    directory.mkdir(parents=True, exist_ok=True)
+    pub_path, sec_path = zmq.auth.create_certificates(directory, name)
+    os.chmod(sec_path, 0o600)
+    return Path(pub_path), Path(sec_path)
+
+
+def _load_public(path: Path, what: str) -> bytes:
+    try:
+        public, _ = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {path}: cannot read a pyzmq certificate ({e}); create one "
+                         "with `loadsvc keys gen DIR NAME`") from e
+    if not public:
+        raise ValueError(f"{what} {path}: no public-key in the certificate")
+    return public
+
+
+def _load_secret(path: Path, what: str) -> tuple[bytes, bytes]:
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {path}: cannot read a pyzmq certificate ({e}); create one "
+                         "with `loadsvc keys gen DIR NAME`") from e
+    if not secret:
+        raise ValueError(f"{what} {path}: this is a public certificate; pass the NAME.key_secret file")
+    return public, secret
+
+
+def _set_heartbeats(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+
+
+# -- publisher -------------------------------------------------------------------
+
+
+class ZmqPublisher:
+    """The engine side on another node: pushes one rank's snapshots to a collector.
+
+    ``ZmqPublisher("tcp://node0:5557", dp_size=8, dp_rank=5)`` connects (ZMQ
+    reconnects by itself whenever the collector goes away and comes back).
+    ``publish(snapshot)`` never blocks: the socket is conflating, so while the
+    collector is unreachable only the latest snapshot waits, and it is the one
+    delivered on reconnection. ``maybe_publish(build)`` calls build() and
+    publishes on every ``interval``-th call. ``curve`` (CurveClientSettings)
+    enables CURVE with this publisher's secret certificate and the collector's
+    public one. When the collector refuses the handshake (key not authorized
+    yet) the publisher logs it and tries again every HANDSHAKE_RETRY seconds,
+    re-reading its key files, so authorizing the key later is enough.
+    """
+
+    def __init__(self, endpoint: str, *, dp_size: int, dp_rank: int,
+                 curve: CurveClientSettings | None = None, interval: int = 1,
+                 payload_capacity: int = DEFAULT_PAYLOAD_CAPACITY,
+                 context: zmq.Context | None = None, linger_ms: int = 200) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in 0..{dp_size - 1} for dp_size={dp_size}, got {dp_rank}")
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        self.endpoint = endpoint
+        self.dp_size = dp_size
+        self.dp_rank = dp_rank
+        self.interval = interval
+        self.epoch = secrets.randbits(63) | 1
+        self._capacity = payload_capacity
+        self._calls = 0
+        self._seq = 0
+        self.dropped = 0  # publishes the socket refused (never expected with CONFLATE)
+        self._encode = msgspec.msgpack.Encoder().encode
+        ctx = context if context is not None else zmq.Context.instance()
+        sock = ctx.socket(zmq.PUSH)
+        try:
+            # CONFLATE keeps exactly one outgoing message (the latest) while the
+            # collector is away; it works because a frame is a single part.
+            sock.setsockopt(zmq.CONFLATE, 1)
+            sock.setsockopt(zmq.LINGER, linger_ms)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            _set_heartbeats(sock)
+            self._curve = curve
+            self._load_curve(sock)
+            monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            raise ValueError(f"cannot connect to collector endpoint {endpoint!r}: {e} "
+                             "(expected e.g. tcp://node0:5557)") from e
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self._sock: zmq.Socket | None = sock
+        self._monitor = monitor
+        self._next_check = 0.0
+        self._retry_at: float | None = None
+        self._last_frame: bytes | None = None
+        self.handshake_failures = 0  # handshakes the collector refused (see _check_link)
+        self._head = (_MAGIC_VERSION, dp_rank, dp_size, schema.SCHEMA_FINGERPRINT, self.epoch)
+        self._pack = FRAME_HEADER.pack
+
+    @property
+    def seq(self) -> int:
+        """Sequence of the last publish (0 before the first)."""
+        return self._seq
+
+    def publish(self, snapshot: Any) -> int:
+        """Queue snapshot for the collector (replacing any undelivered one); return its seq.
+
+        Raises ValueError when the snapshot's dp_rank is not this publisher's or
+        its encoding exceeds the region's slot (the collector would drop it).
+        """
+        if self._sock is None:
+            raise ValueError(f"publisher for dp_rank {self.dp_rank} is closed")
+        if snapshot.dp_rank != self.dp_rank:
+            raise ValueError(f"snapshot.dp_rank={snapshot.dp_rank} but this publisher owns "
+                             f"dp_rank {self.dp_rank}")
+        payload = self._encode(snapshot)
+        if len(payload) > self._capacity:
+            raise ValueError(f"snapshot encodes to {len(payload)} bytes, more than a region slot's "
+                             f"payload capacity of {self._capacity} bytes; nothing sent")
+        n = self._seq + 1
+        m, rank, size, fp, epoch = self._head
+        frame = self._pack(m, rank, size, fp, epoch, n) + payload
+        self._last_frame = frame
+        try:
+            self._sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1  # the next publish carries the whole state again
+        self._seq = n
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + 0.25
+            self._check_link(now)
+        return n
+
+    def _load_curve(self, sock: zmq.Socket) -> None:
+        """(Re)read the CURVE certificates: a retry after a refused handshake sees rotated files."""
+        curve = self._curve
+        if curve is None:
+            return
+        server_public = _load_public(curve.server_key, "--curve-server-key")
+        public, secret = _load_secret(curve.secret_key, "--curve-secret-key")
+        sock.curve_serverkey = server_public
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+
+    def _check_link(self, now: float) -> None:
+        """Reconnect some time after the collector refused the handshake.
+
+        libzmq reconnects by itself after network errors, but never again after a
+        refused handshake (an unauthorized key, a wrong server key, CURVE on one
+        side only). Authorizing the key later must not need an engine restart, so
+        the publisher reconnects itself every HANDSHAKE_RETRY seconds.
+        """
+        sock, monitor = self._sock, self._monitor
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                break
+            if event & _HANDSHAKE_FAILED:
+                self.handshake_failures += 1
+                if self._retry_at is None:
+                    log.warning("collector %s refused dp_rank %d's handshake (%s); retrying in %.0f s",
+                                self.endpoint, self.dp_rank,
+                                "CURVE key not authorized" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                else "wrong server key, or CURVE on one side only", HANDSHAKE_RETRY)
+                    self._retry_at = now + HANDSHAKE_RETRY
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._retry_at = None
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+            try:
+                sock.disconnect(self.endpoint)
+            except zmq.ZMQError:
+                pass  # already gone
+            try:
+                self._load_curve(sock)
+            except ValueError as e:
+                log.warning("dp_rank %d: %s; keeping the previous keys", self.dp_rank, e)
+            sock.connect(self.endpoint)
+            if self._last_frame is not None:
+                try:
+                    sock.send(self._last_frame, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+
+    def maybe_publish(self, build: Callable[[], Any]) -> bool:
+        """Call build() and publish its snapshot on every interval-th call; True if it did."""
+        self._calls += 1
+        if self._calls < self.interval:
+            return False
+        self._calls = 0
+        self.publish(build())
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> ZmqPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing sensible left to do
+            pass
+
+
+# -- collector --------------------------------------------------------------------
+
+
+class _RankState:
+    __slots__ = ("epoch", "seq", "retired", "retired_set")
+
+    def __init__(self, epoch: int, seq: int) -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.retired: collections.deque[int] = collections.deque()
+        self.retired_set: set[int] = set()
+
+    def retire_current(self) -> None:
+        self.retired.append(self.epoch)
+        self.retired_set.add(self.epoch)
+        if len(self.retired) > RETIRED_EPOCHS:
+            self.retired_set.discard(self.retired.popleft())
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class Collector:
+    """PULL side of the relay: validates every frame, then writes it into the node's region.
+
+    ``Collector(serve_settings, registry)``: binds ``serve_settings.collect``,
+    writes into ``serve_settings.store.shm`` and registers its counters
+    (``loadsvc_relay_frames_accepted_total``,
+    ``loadsvc_relay_frames_rejected_total{reason}``) in the given
+    prometheus_client registry. ``await start()`` raises if the endpoint
+    cannot be bound or the CURVE files are unusable; ``await stop()`` closes
+    everything. The collector never dies of bad input: every frame that fails a
+    check is counted, logged (at most one line per reason per LOG_EVERY
+    seconds) and dropped before it touches the region.
+    """
+
+    def __init__(self, settings: ServeSettings, registry: Any = None, *,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        if not settings.collect:
+            raise ValueError("Collector needs ServeSettings.collect (an endpoint such as tcp://0.0.0.0:5557)")
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.settings = settings
+        self.endpoint = settings.collect
+        self.path = Path(settings.store.shm)
+        self.max_frame_bytes = settings.max_frame_bytes
+        self._clock = clock
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._accepted_metric = Counter(
+            "loadsvc_relay_frames_accepted", "Relay frames written into the region",
+            registry=self.registry)
+        self._rejected_metric = Counter(
+            "loadsvc_relay_frames_rejected",
+            "Relay frames (and, for unauthorized/handshake_failed, connection attempts) refused",
+            ["reason"], registry=self.registry)
+        self._rejected_children = {r: self._rejected_metric.labels(reason=r) for r in REJECT_REASONS}
+        self.accepted = 0
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.bound_endpoint: str | None = None  # after start (the real port for tcp://...:0)
+        self._decode = msgspec.msgpack.Decoder(LoadSnapshot).decode
+        self._ranks: dict[int, _RankState] = {}
+        self._pubs: dict[int, ShmPublisher] = {}
+        self._claim_retry_at: dict[int, float] = {}
+        self._region_identity: tuple[int, int] | None = None
+        self._dp_size: int | None = None
+        self._dp_size_checked = -math.inf
+        self._last_log: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start the collector thread; raises when it cannot bind or load keys."""
+        await asyncio.to_thread(self.start_thread)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.stop_thread)
+
+    def start_thread(self) -> None:
+        """Synchronous start (scripts, tests, benchmarks)."""
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._ready.clear()
+        self._start_error = None
+        self._thread = threading.Thread(target=self._run, name="loadsvc-collector", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._thread = None
+            raise self._start_error
+
+    def stop_thread(self, timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._stopping.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("collector thread did not stop within %.1f s", timeout)
+        self._thread = None
+
+    def __enter__(self) -> Collector:
+        self.start_thread()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_thread()
+
+    # -- the thread ----------------------------------------------------------------
+
+    def _open(self, ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket, Any]:
+        auth = None
+        curve: CurveServerSettings | None = self.settings.curve
+        sock = ctx.socket(zmq.PULL)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            # ZMQ itself drops a peer announcing a message beyond twice the limit,
+            # before buffering it; frames between the limit and that are counted.
+            sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_frame_bytes + FRAME_HEADER.size)
+            _set_heartbeats(sock)
+            if curve is not None:
+                public, secret = _load_secret(curve.secret_key, "--curve-secret-key")
+                if not Path(curve.authorized_dir).is_dir():
+                    raise ValueError(f"--curve-authorized-dir {curve.authorized_dir}: not a directory "
+                                     "(put the publishers' NAME.key public certificates there)")
+                from zmq.auth.thread import ThreadAuthenticator
+
+                auth = ThreadAuthenticator(ctx, log=logging.getLogger("loadsvc.relay.auth"))
+                auth.start()
+                self._configure_auth(auth)
+                sock.curve_secretkey = secret
+                sock.curve_publickey = public
+                sock.curve_server = True
+            sock.bind(self.endpoint)
+            monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            raise OSError(f"collector cannot bind {self.endpoint!r}: {e}") from e
+        except BaseException:
+            sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            raise
+        self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return sock, monitor, auth
+
+    def _configure_auth(self, auth: Any) -> None:
+        directory = Path(self.settings.curve.authorized_dir)  # type: ignore[union-attr]
+        keys = sorted(directory.glob("*.key"))
+        auth.configure_curve(domain="*", location=str(directory))
+        if not keys:
+            log.warning("no public certificates (*.key) in %s: no publisher can connect", directory)
+        else:
+            log.info("CURVE: %d authorized publisher key(s) from %s", len(keys), directory)
+
+    def _auth_dir_stamp(self) -> tuple[Any, ...]:
+        directory = Path(self.settings.curve.authorized_dir)  # type: ignore[union-attr]
+        try:
+            return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in directory.glob("*.key")))
+        except OSError:
+            return ()
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        sock = monitor = auth = None
+        try:
+            sock, monitor, auth = self._open(ctx)
+        except BaseException as e:
+            self._start_error = e
+            ctx.term()
+            self._ready.set()
+            return
+        log.info("collector listening on %s (%s), writing into %s", self.bound_endpoint,
+                 "CURVE" if auth is not None else "open: no CURVE, anyone reaching the port may publish",
+                 self.path)
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        auth_stamp = self._auth_dir_stamp() if auth is not None else ()
+        next_auth_check = time.monotonic() + AUTH_RELOAD
+        next_region_check = time.monotonic() + REGION_CHECK
+        try:
+            while not self._stopping.is_set():
+                events = dict(poller.poll(100))
+                if sock in events:
+                    for _ in range(1024):  # bounded batch, then look at the rest
+                        try:
+                            parts = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self.handle(parts, self._clock())
+                if monitor in events:
+                    self._drain_monitor(monitor)
+                now = time.monotonic()
+                if now >= next_region_check:
+                    next_region_check = now + REGION_CHECK
+                    self._check_region()
+                if auth is not None and now >= next_auth_check:
+                    next_auth_check = now + AUTH_RELOAD
+                    stamp = self._auth_dir_stamp()
+                    if stamp != auth_stamp:
+                        auth_stamp = stamp
+                        self._configure_auth(auth)
+        except Exception:  # a bug, not bad input (bad input is handled in handle())
+            log.exception("collector thread failed; relay stopped")
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+            self._close_publishers()
+
+    def _drain_monitor(self, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                msg = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = msg["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._reject("unauthorized", f"refused a publisher's CURVE key (ZAP status "
+                                             f"{msg['value']}) on {self.bound_endpoint}")
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self._reject("handshake_failed", f"handshake failed on {self.bound_endpoint} "
+                                                 "(wrong --curve-server-key, or CURVE on one side only)")
+
+    # -- frames ------------------------------------------------------------------------
+
+    def handle(self, parts: list[bytes], received_ns: int) -> bool:
+        """Validate one message and write it into the region; True if accepted.
+
+        Called by the collector thread; public so tests and tools can feed
+        frames directly. Never raises for bad input.
+        """
+        try:
+            rank, snapshot, epoch, seq = self._validate(parts)
+            self._write(rank, snapshot, epoch, seq, received_ns)
+        except _Rejected as r:
+            self._reject(r.reason, str(r))
+            return False
+        self.accepted += 1
+        self._accepted_metric.inc()
+        return True
+
+    def _validate(self, parts: list[bytes]) -> tuple[int, Any, int, int]:
+        if len(parts) != 1:
+            raise _Rejected("malformed", f"message of {len(parts)} parts, expected 1")
+        frame = parts[0]
+        size = len(frame)
+        if size > self.max_frame_bytes:
+            raise _Rejected("oversized", f"frame of {size} bytes, limit {self.max_frame_bytes} "
+                                         "(--max-frame-bytes)")
+        if size < FRAME_HEADER.size:
+            raise _Rejected("short", f"frame of {size} bytes, the header alone is {FRAME_HEADER.size}")
+        magic, rank, dp_size, fingerprint, epoch, seq = FRAME_HEADER.unpack_from(frame)
+        if magic[:3] != FRAME_MAGIC:
+            raise _Rejected("bad_magic", f"frame starts with {magic[:3]!r}, expected {FRAME_MAGIC!r}")
+        if magic[3] != FRAME_VERSION:
+            raise _Rejected("bad_version", f"frame version {magic[3]}, this collector reads "
+                                           f"{FRAME_VERSION}; run one loadsvc version everywhere")
+        if fingerprint != schema.SCHEMA_FINGERPRINT:
+            raise _Rejected("fingerprint", f"schema fingerprint {fingerprint:#018x} (dp_rank {rank}) "
+                                           f"differs from this loadsvc's {schema.SCHEMA_FINGERPRINT:#018x}; "
+                                           "the publisher runs another LoadSnapshot schema")
+        if epoch == 0 or seq == 0:
+            raise _Rejected("bad_header", f"dp_rank {rank}: epoch {epoch} and seq {seq} must be non-zero")
+        region_size = self._region_dp_size()
+        if region_size is None:
+            raise _Rejected("no_region", f"no region at {self.path} and no --dp-size to create "
+                                         "it; start serve with --dp-size N")
+        if dp_size != region_size:
+            raise _Rejected("dp_size_mismatch", f"publisher of dp_rank {rank} has dp_size {dp_size}, "
+                                                f"the region {region_size}; use one --dp-size everywhere")
+        if rank >= region_size:
+            raise _Rejected("rank_out_of_range", f"dp_rank {rank} outside 0..{region_size - 1}")
+        try:
+            snapshot = self._decode(memoryview(frame)[FRAME_HEADER.size:])
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise _Rejected("decode", f"dp_rank {rank}: payload is not a LoadSnapshot: {e}") from None
+        if snapshot.dp_rank != rank:
+            raise _Rejected("rank_mismatch", f"header dp_rank {rank}, payload dp_rank {snapshot.dp_rank}")
+        state = self._ranks.get(rank)
+        if state is not None:
+            if epoch == state.epoch:
+                if seq <= state.seq:
+                    raise _Rejected("stale_seq", f"dp_rank {rank}: seq {seq} not after {state.seq} "
+                                                 "(replayed or reordered frame)")
+            elif epoch in state.retired_set:
+                raise _Rejected("old_epoch", f"dp_rank {rank}: epoch {epoch:#x} was replaced by "
+                                             f"{state.epoch:#x} (a delayed frame from before a restart, "
+                                             "or two publishers for one rank)")
+        return rank, snapshot, epoch, seq
+
+    def _write(self, rank: int, snapshot: Any, epoch: int, seq: int, received_ns: int) -> None:
+        pub = self._pubs.get(rank)
+        if pub is None:
+            pub = self._claim(rank)
+        snapshot.epoch = epoch
+        try:
+            pub.publish(snapshot, publish_time_ns=received_ns)
+        except ValueError as e:
+            raise _Rejected("slot_overflow", f"dp_rank {rank}: {e}") from None
+        state = self._ranks.get(rank)
+        if state is None:
+            self._ranks[rank] = _RankState(epoch, seq)
+        else:
+            if epoch != state.epoch:
+                log.info("dp_rank %d: new publisher epoch %#x (was %#x): a restarted publisher",
+                         rank, epoch, state.epoch)
+                state.retire_current()
+                state.epoch = epoch
+            state.seq = seq
+
+    def _claim(self, rank: int) -> ShmPublisher:
+        now = time.monotonic()
+        if self._claim_retry_at.get(rank, 0.0) > now:
+            raise _Rejected("rank_owned", f"dp_rank {rank} is owned by a local publisher of {self.path}")
+        store = self.settings.store
+        try:
+            pub = ShmPublisher(self.path, dp_size=self._dp_size or 0, dp_rank=rank,
+                               mode=store.region_mode)
+        except RegionError as e:
+            # ShmPublisher says "already" only when another live writer holds the
+            # rank (its record lock); anything else is a problem with the file.
+            if "already" in str(e):
+                self._claim_retry_at[rank] = now + CLAIM_RETRY
+                raise _Rejected("rank_owned", f"dp_rank {rank}: {e}") from None
+            self._dp_size_checked = -math.inf  # look at the region again
+            raise _Rejected("region_error", f"dp_rank {rank}: {e}") from None
+        except (OSError, ValueError) as e:
+            raise _Rejected("region_error", f"dp_rank {rank}: cannot open {self.path}: {e}") from None
+        self._claim_retry_at.pop(rank, None)
+        if self._region_identity is None:
+            try:
+                st = os.stat(self.path)
+                self._region_identity = (st.st_dev, st.st_ino)
+            except OSError:
+                pass  # removed already: the next region check starts afresh
+        self._pubs[rank] = pub
+        return pub
+
+    def _region_dp_size(self) -> int | None:
+        """dp_size of the region the collector writes: --dp-size, else the existing file's."""
+        if self._dp_size is not None:
+            return self._dp_size
+        if self.settings.store.dp_size is not None:
+            self._dp_size = self.settings.store.dp_size
+            return self._dp_size
+        now = time.monotonic()
+        if now - self._dp_size_checked < 0.5:  # do not stat the file for every frame
+            return None
+        self._dp_size_checked = now
+        try:
+            with ShmReader(self.path) as reader:
+                self._dp_size = reader.dp_size
+        except RegionError:
+            return None
+        return self._dp_size
+
+    def _check_region(self) -> None:
+        """Start afresh when the region file was removed or replaced under the collector."""
+        if self._region_identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._region_identity
+        except OSError:
+            same = False
+        if not same:
+            log.warning("region %s was removed or replaced; reopening on the next frame", self.path)
+            self._close_publishers()
+            self._dp_size = None
+            self._dp_size_checked = -math.inf
+
+    def _close_publishers(self) -> None:
+        for pub in self._pubs.values():
+            pub.close()
+        self._pubs.clear()
+        self._region_identity = None
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejected[reason] += 1
+        self._rejected_children[reason].inc()
+        now = time.monotonic()
+        if now - self._last_log.get(reason, -math.inf) >= LOG_EVERY:
+            suppressed = self._suppressed.pop(reason, 0)
+            more = f" (+{suppressed} more since the last line)" if suppressed else ""
+            log.warning("relay rejected a frame [%s]: %s%s", reason, detail, more)
+            self._last_log[reason] = now
+        else:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
