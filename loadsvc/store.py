@@ -303,6 +303,11 @@ class LoadStore:
     def change_version(self) -> int:
         return self._change_version
 
+    @property
+    def running(self) -> bool:
+        """True between start() and stop(): the poll task keeps the view current."""
+        return self._task is not None
+
     # -- async side ----------------------------------------------------------
 
     def _notify(self) -> None:

@@ -1,0 +1,576 @@
+"""The REST surface: GET /v1/loads (JSON or Prometheus), /health and /metrics as a FastAPI router.
+
+    request --query string--> Selection, format  (parsed once per distinct query string)
+        |
+    LoadStore.view() --> View --encoded(("json", sel))--> body bytes, built once per view
+                              --encoded(("prometheus", sel))--> exposition text, once per view
+        |
+    Response(those bytes)      every request on an unchanged view gets the same bytes
+
+``create_router(store)`` is the component: mount it in any FastAPI app (an
+engine's own HTTP server does ``app.include_router(create_router(store))``).
+``create_app(store)`` is a FastAPI app holding only that router, which is what
+``loadsvc serve`` runs. The router's lifespan starts the store's poll task
+unless something else already did, and stops it only if it started it.
+
+The routes use a route class whose endpoint receives the bare Request: no
+dependency solving, no validation layer, no re-serialization. Query values are
+parsed and checked here, so every bad value is a 400 with a JSON error naming
+the field (never FastAPI's 422), and counted. OpenAPI describes the same
+contract (parameters, patterns, the response shapes, 400 and 401).
+
+Prometheus names (``format=prometheus``), one gauge family per numeric field,
+label ``dp_rank``:
+
+    loadsvc_<core field>                 e.g. loadsvc_num_running_reqs, loadsvc_token_usage
+    loadsvc_<section>_<field>            e.g. loadsvc_memory_weight_gb, loadsvc_queues_waiting
+    loadsvc_disaggregation_mode{mode=}   1 for the mode the rank reports
+    loadsvc_age_ms, loadsvc_seq          age of the last publish, its sequence number
+    loadsvc_rank_status{status=}         1 for the rank's status, 0 for the other two
+                                         (healthy, stale, unreachable)
+    loadsvc_aggregate_<field>            the response's aggregate (no dp_rank label)
+    loadsvc_dp_rank_count                ranks in the region
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+import prometheus_client
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
+from google.protobuf.descriptor import FieldDescriptor
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.requests import Request
+from starlette.responses import Response
+
+from loadsvc import __version__, schema
+from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
+from loadsvc.schema import SECTIONS, Status
+from loadsvc.store import INCLUDE_TOKENS, BadRequest, LoadStore, Selection, View, response_dict
+
+__all__ = ["create_router", "create_app", "PROMETHEUS_CONTENT_TYPE"]
+
+log = logging.getLogger("loadsvc.rest")
+
+JSON_CONTENT_TYPE = "application/json"
+PROMETHEUS_CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+FORMATS = ("json", "prometheus")
+INT32_MAX = 2**31 - 1
+
+# One include value: comma-separated tokens, lowercase, optional spaces. The same
+# pattern is published in OpenAPI and applied here (re.search, as JSON Schema does).
+_TOKENS_RE = "|".join(INCLUDE_TOKENS)
+INCLUDE_PATTERN = rf"^ *(?:(?:{_TOKENS_RE}) *)?(?:, *(?:(?:{_TOKENS_RE}) *)?)*$"
+_INCLUDE_RE = re.compile(INCLUDE_PATTERN)
+_DP_RANK_RE = re.compile(r"-?[0-9]+")
+_QUERY_MEMO_MAX = 512  # distinct query strings remembered (fuzzers send endless new ones)
+
+
+# -- query parsing -------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """A bad query value: which field, a short reason (metric label) and a message."""
+
+    def __init__(self, field_name: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+        self.reason = reason
+        self.message = message
+
+
+def _parse_query(query_string: bytes, dp_size: int | None) -> tuple[Selection, str]:
+    """(Selection, format) from a raw query string; raises _Invalid naming the field."""
+    dp_rank_raw: str | None = None
+    fmt = "json"
+    include: list[str] = []
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if key == "dp_rank":
+            dp_rank_raw = value
+        elif key == "include":
+            include.append(value)
+        elif key == "format":
+            fmt = value
+    if fmt not in FORMATS:
+        raise _Invalid("format", "unknown_format",
+                       f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    for value in include:
+        if not _INCLUDE_RE.search(value):
+            bad = next((t.strip(" ") for t in value.split(",") if t.strip(" ") not in INCLUDE_TOKENS
+                        and t.strip(" ")), value)
+            raise _Invalid("include", "unknown_token",
+                           f"unknown token {bad!r}; expected lowercase tokens from "
+                           f"{', '.join(INCLUDE_TOKENS)}, repeated or comma-separated")
+    dp_rank: int | None = None
+    if dp_rank_raw is not None:
+        if not _DP_RANK_RE.fullmatch(dp_rank_raw):
+            raise _Invalid("dp_rank", "not_an_integer",
+                           f"expected a non-negative integer, got {dp_rank_raw!r}")
+        dp_rank = int(dp_rank_raw)
+        if dp_rank > INT32_MAX:
+            raise _Invalid("dp_rank", "out_of_range", f"{dp_rank} is beyond the int32 range")
+    try:
+        sel = Selection.parse(dp_rank, include, dp_size)
+    except BadRequest as e:
+        reason = "negative" if dp_rank is not None and dp_rank < 0 else "out_of_range"
+        if e.field != "dp_rank":
+            reason = "unknown_token"
+        raise _Invalid(e.field, reason, str(e).removeprefix(f"{e.field}: ")) from None
+    return sel, fmt
+
+
+# -- bodies ----------------------------------------------------------------------
+
+_encode_json = msgspec.json.Encoder().encode
+
+
+def _error_body(field_name: str, message: str) -> bytes:
+    return _encode_json({"error": {"field": field_name, "message": message}})
+
+
+def _json_body(view: View, sel: Selection) -> bytes:
+    return _encode_json(response_dict(view, sel))
+
+
+def _is_number(f: FieldDescriptor) -> bool:
+    return f.type not in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_ENUM,
+                          FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
+
+
+_SNAPSHOT = pb.LoadSnapshot.DESCRIPTOR
+# (attribute, metric name, help) of the numeric per-rank core fields; dp_rank is the label.
+_CORE_GAUGES = tuple(
+    (name, f"loadsvc_{name}", f"LoadSnapshot.{name} from the rank's last publish")
+    for name in schema.CORE_FIELDS if name != "dp_rank")
+# section attribute -> ((field, metric name, help), ...) for numeric fields, and string fields.
+_SECTION_GAUGES: dict[str, tuple[tuple[str, str, str], ...]] = {}
+_SECTION_LABELS: dict[str, tuple[tuple[str, str, str], ...]] = {}
+for _f in sorted(_SNAPSHOT.fields, key=lambda f: f.number):
+    if _f.type == FieldDescriptor.TYPE_MESSAGE:
+        _msg = _f.message_type
+        _SECTION_GAUGES[_f.name] = tuple(
+            (g.name, f"loadsvc_{_f.name}_{g.name}", f"{_msg.name}.{g.name} from the rank's last publish")
+            for g in sorted(_msg.fields, key=lambda g: g.number) if _is_number(g))
+        _SECTION_LABELS[_f.name] = tuple(
+            (g.name, f"loadsvc_{_f.name}_{g.name}",
+             f"{_msg.name}.{g.name} reported by the rank, as label {g.name!r} (value 1)")
+            for g in sorted(_msg.fields, key=lambda g: g.number)
+            if g.type == FieldDescriptor.TYPE_STRING)
+_AGGREGATE_GAUGES = tuple(
+    (f.name, f"loadsvc_aggregate_{f.name}", f"AggregateMetrics.{f.name} over the selected ranks "
+                                            "that are not unreachable")
+    for f in sorted(pb.AggregateMetrics.DESCRIPTOR.fields, key=lambda f: f.number))
+_STATUSES = tuple(s for s in Status if s is not Status.UNSPECIFIED)
+
+
+class _ViewCollector:
+    """A prometheus_client collector over one View and Selection (see the module docstring)."""
+
+    def __init__(self, view: View, sel: Selection) -> None:
+        self.view = view
+        self.sel = sel
+
+    def collect(self) -> Iterator[Any]:
+        view, sel = self.view, self.sel
+        snaps = view.select(sel)
+        ranks = [str(s.dp_rank) for s in snaps]
+        fam = GaugeMetricFamily("loadsvc_dp_rank_count", "Ranks (slots) in the shared-memory region")
+        fam.add_metric([], view.dp_size)
+        yield fam
+        for attr, name, help_text in _CORE_GAUGES:
+            fam = GaugeMetricFamily(name, help_text, labels=["dp_rank"])
+            for rank, snap in zip(ranks, snaps):
+                fam.add_metric([rank], getattr(snap, attr))
+            yield fam
+        for section, gauges in _SECTION_GAUGES.items():
+            if section not in sel.sections:
+                continue
+            present = [(rank, getattr(snap, section)) for rank, snap in zip(ranks, snaps)
+                       if getattr(snap, section) is not None]
+            if not present:
+                continue
+            for attr, name, help_text in gauges:
+                fam = GaugeMetricFamily(name, help_text, labels=["dp_rank"])
+                for rank, value in present:
+                    fam.add_metric([rank], getattr(value, attr))
+                yield fam
+            for attr, name, help_text in _SECTION_LABELS[section]:
+                fam = GaugeMetricFamily(name, help_text, labels=["dp_rank", attr])
+                for rank, value in present:
+                    fam.add_metric([rank, getattr(value, attr)], 1)
+                yield fam
+        fam = GaugeMetricFamily("loadsvc_age_ms", "Milliseconds since the rank's last publish",
+                                labels=["dp_rank"])
+        for rank, snap in zip(ranks, snaps):
+            fam.add_metric([rank], snap.age_ms)
+        yield fam
+        fam = GaugeMetricFamily("loadsvc_seq", "Sequence number of the rank's last publish",
+                                labels=["dp_rank"])
+        for rank, snap in zip(ranks, snaps):
+            fam.add_metric([rank], snap.seq)
+        yield fam
+        fam = GaugeMetricFamily("loadsvc_rank_status", "1 for the rank's freshness status "
+                                "(healthy, stale, unreachable), 0 for the others",
+                                labels=["dp_rank", "status"])
+        for rank, snap in zip(ranks, snaps):
+            for status in _STATUSES:
+                fam.add_metric([rank, status.value], 1 if snap.status is status else 0)
+        yield fam
+        agg = view.aggregate(sel)
+        for attr, name, help_text in _AGGREGATE_GAUGES:
+            fam = GaugeMetricFamily(name, help_text)
+            fam.add_metric([], getattr(agg, attr))
+            yield fam
+
+
+def _prometheus_body(view: View, sel: Selection) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ViewCollector(view, sel))
+    return prometheus_client.generate_latest(registry)
+
+
+# -- server metrics (/metrics) -------------------------------------------------------
+
+
+class _ReaderCollector:
+    """Shared-memory reader counters of every store served through one registry."""
+
+    def __init__(self) -> None:
+        self.stores: weakref.WeakSet[LoadStore] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[Any]:
+        stores = sorted(self.stores, key=lambda s: str(s.settings.shm))
+        counters = [(str(s.settings.shm), s.reader_counters()) for s in stores]
+        for key, help_text in (
+                ("torn_retries", "Slot copies retried because a publish was in progress"),
+                ("unavailable", "Reads that gave up after the retry bound (last good copy served)"),
+                ("corrupt", "Payloads with a valid checksum that failed to decode")):
+            fam = CounterMetricFamily(f"loadsvc_shm_reader_{key}", help_text, labels=["region"])
+            for region, values in counters:
+                fam.add_metric([region], values[key])
+            yield fam
+        fam = GaugeMetricFamily("loadsvc_region_attached", "1 while the region is attached",
+                                labels=["region"])
+        for s in stores:
+            fam.add_metric([str(s.settings.shm)], 1 if s.attached else 0)
+        yield fam
+
+
+class _Metrics:
+    """The REST counters of one registry (shared by every router built on it)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("loadsvc_rest_requests", "REST requests by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=registry)
+        self.bad_requests = Counter("loadsvc_rest_bad_requests",
+                                    "REST requests rejected with 400, by query field and reason",
+                                    ["field", "reason"], registry=registry)
+        self.readers = _ReaderCollector()
+        registry.register(self.readers)
+        self._children: dict[tuple[str, int], Any] = {}
+
+    def count(self, endpoint: str, status: int) -> None:
+        child = self._children.get((endpoint, status))
+        if child is None:
+            child = self._children[(endpoint, status)] = self.requests.labels(endpoint, str(status))
+        child.inc()
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
+
+
+def _metrics_for(registry: CollectorRegistry) -> _Metrics:
+    metrics = _METRICS.get(registry)
+    if metrics is None:
+        metrics = _METRICS[registry] = _Metrics(registry)
+    return metrics
+
+
+# -- OpenAPI ------------------------------------------------------------------------------
+
+_JSON_TYPES = {
+    FieldDescriptor.TYPE_DOUBLE: {"type": "number"},
+    FieldDescriptor.TYPE_FLOAT: {"type": "number"},
+    FieldDescriptor.TYPE_INT32: {"type": "integer", "format": "int32"},
+    FieldDescriptor.TYPE_SINT32: {"type": "integer", "format": "int32"},
+    FieldDescriptor.TYPE_INT64: {"type": "integer", "format": "int64"},
+    FieldDescriptor.TYPE_SINT64: {"type": "integer", "format": "int64"},
+    FieldDescriptor.TYPE_UINT32: {"type": "integer", "minimum": 0},
+    FieldDescriptor.TYPE_UINT64: {"type": "integer", "minimum": 0},
+    FieldDescriptor.TYPE_STRING: {"type": "string"},
+    FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
+}
+
+
+def _object_schema(desc: Any) -> dict[str, Any]:
+    props = {f.name: dict(_JSON_TYPES[f.type]) for f in sorted(desc.fields, key=lambda f: f.number)}
+    return {"type": "object", "title": desc.name, "properties": props, "required": list(props)}
+
+
+def _loads_schema() -> dict[str, Any]:
+    fields = {f.name: f for f in _SNAPSHOT.fields}
+    props: dict[str, Any] = {name: dict(_JSON_TYPES[fields[name].type]) for name in schema.CORE_FIELDS}
+    for section in SECTIONS.values():
+        props[section] = _object_schema(fields[section].message_type)
+    props["status"] = {"type": "string", "enum": [s.value for s in Status],
+                       "description": "healthy, stale (no publish for stale_after seconds) or "
+                                      "unreachable"}
+    props["age_ms"] = {"type": "number", "description": "milliseconds since the rank's last publish"}
+    props["seq"] = {"type": "integer", "minimum": 0, "description": "sequence of that publish"}
+    rank = {"type": "object", "title": "LoadSnapshot", "properties": props,
+            "required": [*schema.CORE_FIELDS, "status", "age_ms"]}
+    return {
+        "type": "object", "title": "GetLoadsResponse",
+        "properties": {
+            "timestamp": {"type": "string", "format": "date-time"},
+            "version": {"type": "string"},
+            "dp_rank_count": {"type": "integer", "minimum": 0},
+            "loads": {"type": "array", "items": rank},
+            "aggregate": _object_schema(pb.AggregateMetrics.DESCRIPTOR),
+        },
+        "required": ["timestamp", "version", "dp_rank_count", "loads", "aggregate"],
+    }
+
+
+_ERROR_SCHEMA = {
+    "type": "object", "title": "Error",
+    "properties": {"error": {"type": "object", "properties": {
+        "field": {"type": "string", "description": "the query field (or authorization)"},
+        "message": {"type": "string"}}, "required": ["field", "message"]}},
+    "required": ["error"],
+}
+_ERROR_400 = {"description": "A bad query value (the field is named in the body)",
+              "content": {JSON_CONTENT_TYPE: {"schema": _ERROR_SCHEMA}}}
+_ERROR_401 = {"description": "Missing or wrong `Authorization: Bearer` key (servers with an API key)",
+              "content": {JSON_CONTENT_TYPE: {"schema": _ERROR_SCHEMA}}}
+
+_LOADS_PARAMETERS = [
+    {"name": "dp_rank", "in": "query", "required": False,
+     "description": "Only this data-parallel rank (0 .. dp_rank_count - 1); all ranks when absent.",
+     "schema": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}},
+    {"name": "include", "in": "query", "required": False, "style": "form", "explode": True,
+     "description": "Sections to include: " + ", ".join(INCLUDE_TOKENS) + ". Repeat the parameter "
+                    "or separate tokens with commas. Absent, empty or `all`: every section the "
+                    "rank published; `core`: none.",
+     "schema": {"type": "array", "items": {"type": "string", "pattern": INCLUDE_PATTERN}}},
+    {"name": "format", "in": "query", "required": False,
+     "description": "`json` (SGLang-compatible body) or `prometheus` (text exposition format).",
+     "schema": {"type": "string", "enum": list(FORMATS), "default": "json"}},
+]
+
+
+# -- the router ----------------------------------------------------------------------
+
+
+class _DirectRoute(APIRoute):
+    """An APIRoute whose endpoint takes the bare Request and returns a Response itself.
+
+    FastAPI still describes the route in OpenAPI (from the decorator's
+    ``responses`` and ``openapi_extra``) but never solves dependencies,
+    validates or serializes for it: the endpoint does its own parsing.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        return self.endpoint
+
+
+class _Loads:
+    """GET /v1/loads itself: auth, query, view, cached body. Shared by the route and the fast path."""
+
+    def __init__(self, store: LoadStore, metrics: _Metrics, api_key: str | None) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.expected = api_key.encode() if api_key else None
+        self._memo: dict[tuple[bytes, int | None], tuple[Selection, str] | _Invalid] = {}
+
+    def authorized(self, scope: dict[str, Any]) -> bool:
+        if self.expected is None:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
+        return False
+
+    def unauthorized(self, endpoint: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        self.metrics.count(endpoint, 401)
+        body = _error_body("authorization", "this server needs `Authorization: Bearer <api key>`")
+        return 401, body, [(b"content-type", _JSON_CT), (b"content-length", b"%d" % len(body)),
+                           (b"www-authenticate", b"Bearer")]
+
+    def respond(self, scope: dict[str, Any]) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """(status, body, raw headers) for one GET /v1/loads."""
+        if self.expected is not None and not self.authorized(scope):
+            return self.unauthorized("/v1/loads")
+        store = self.store
+        view = store.view()
+        key = (scope["query_string"], store.dp_size)
+        parsed = self._memo.get(key)
+        if parsed is None:
+            try:
+                parsed = _parse_query(key[0], key[1])
+            except _Invalid as e:
+                parsed = e
+            if len(self._memo) >= _QUERY_MEMO_MAX:
+                self._memo.clear()
+            self._memo[key] = parsed
+        if isinstance(parsed, _Invalid):
+            self.metrics.bad_requests.labels(parsed.field, parsed.reason).inc()
+            self.metrics.count("/v1/loads", 400)
+            body = _error_body(parsed.field, parsed.message)
+            return 400, body, [(b"content-type", _JSON_CT), (b"content-length", b"%d" % len(body))]
+        sel, fmt = parsed
+        self.metrics.count("/v1/loads", 200)
+        if fmt == "json":
+            body = view.encoded(("json", sel), lambda v: _json_body(v, sel))
+            return 200, body, [(b"content-type", _JSON_CT), (b"content-length", b"%d" % len(body))]
+        body = view.encoded(("prometheus", sel), lambda v: _prometheus_body(v, sel))
+        return 200, body, [(b"content-type", _PROM_CT), (b"content-length", b"%d" % len(body))]
+
+
+_JSON_CT = JSON_CONTENT_TYPE.encode()
+_PROM_CT = PROMETHEUS_CONTENT_TYPE.encode()
+
+
+class _RawResponse(Response):
+    """A Response whose status, body and raw headers are already final."""
+
+    def __init__(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status_code = status
+        self.body = body
+        self.raw_headers = headers
+        self.background = None
+
+
+class _App(FastAPI):
+    """The standalone app: GET /v1/loads is answered before FastAPI's own request handling.
+
+    Same _Loads logic as the route, minus the per-request cost of FastAPI's
+    telemetry check, middleware, router, exception layers and Request objects;
+    every other request goes through FastAPI as usual. Embedded routers
+    (create_router) use the route, which answers the same but slower.
+    """
+
+    _loads: _Loads
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            path = scope["path"]
+            root = scope.get("root_path")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            if path == "/v1/loads":
+                status, body, headers = self._loads.respond(scope)
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await super().__call__(scope, receive, send)
+
+
+def create_router(store: LoadStore, *, api_key: str | None = None,
+                  registry: CollectorRegistry | None = None) -> APIRouter:
+    """GET /v1/loads, /health and /metrics over store, as a router to mount in any FastAPI app.
+
+    api_key: when set, /v1/loads and /metrics need ``Authorization: Bearer <api_key>``
+    (/health stays open). registry: where the REST counters and the region's
+    reader counters are registered and what /metrics exposes (a new one if None).
+    """
+    return _build(store, api_key, registry)[0]
+
+
+def _build(store: LoadStore, api_key: str | None,
+           registry: CollectorRegistry | None) -> tuple[APIRouter, _Loads]:
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = _metrics_for(registry)
+    metrics.readers.stores.add(store)
+    loads = _Loads(store, metrics, api_key)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        started = not store.running
+        if started:
+            await store.start()
+        try:
+            yield
+        finally:
+            if started:
+                await store.stop()
+
+    router = APIRouter(route_class=_DirectRoute, lifespan=lifespan)
+
+    @router.get(
+        "/v1/loads", summary="Per-rank load (SGLang-compatible)", operation_id="get_loads",
+        description="Every rank's last published load with freshness `status` and `age_ms`, and an "
+                    "aggregate. JSON by default; `format=prometheus` gives gauges labelled "
+                    "`dp_rank`. The body of an unchanged state is encoded once and reused.",
+        responses={200: {"description": "The loads",
+                         "content": {JSON_CONTENT_TYPE: {"schema": _loads_schema()},
+                                     "text/plain": {"schema": {"type": "string"}}}},
+                   400: _ERROR_400, 401: _ERROR_401},
+        openapi_extra={"parameters": _LOADS_PARAMETERS})
+    async def get_loads(request: Request) -> Response:
+        return _RawResponse(*loads.respond(request.scope))
+
+    @router.get(
+        "/health", summary="Is the region attached", operation_id="health",
+        description="200 while the shared-memory region is attached, else 503 with the reason. "
+                    "Never needs the API key.",
+        responses={200: {"description": "Attached", "content": {JSON_CONTENT_TYPE: {"schema": {
+                       "type": "object", "properties": {
+                           "status": {"type": "string", "enum": ["ok"]},
+                           "attached": {"type": "boolean"},
+                           "ranks": {"type": "integer", "description": "ranks (slots) in the region"},
+                           "published": {"type": "integer",
+                                         "description": "ranks that have published"}},
+                       "required": ["status", "attached", "ranks"]}}}},
+                   503: {"description": "Not attached", "content": {JSON_CONTENT_TYPE: {"schema": {
+                       "type": "object", "properties": {
+                           "status": {"type": "string", "enum": ["unavailable"]},
+                           "attached": {"type": "boolean"},
+                           "reason": {"type": ["string", "null"]}},
+                       "required": ["status", "reason"]}}}}})
+    async def health(request: Request) -> Response:
+        view = store.view()
+        if store.attached:
+            metrics.count("/health", 200)
+            body = {"status": "ok", "attached": True, "ranks": store.dp_size or 0,
+                    "published": len(view.snapshots)}
+            return Response(_encode_json(body), 200, media_type=JSON_CONTENT_TYPE)
+        metrics.count("/health", 503)
+        body = {"status": "unavailable", "attached": False, "reason": store.attach_error}
+        return Response(_encode_json(body), 503, media_type=JSON_CONTENT_TYPE)
+
+    @router.get(
+        "/metrics", summary="Server metrics (Prometheus)", operation_id="metrics",
+        description="Request counters, 400s by field and reason, and shared-memory reader counters.",
+        responses={200: {"description": "Prometheus text exposition format",
+                         "content": {"text/plain": {"schema": {"type": "string"}}}},
+                   401: _ERROR_401})
+    async def server_metrics(request: Request) -> Response:
+        if not loads.authorized(request.scope):
+            return _RawResponse(*loads.unauthorized("/metrics"))
+        metrics.count("/metrics", 200)
+        return Response(prometheus_client.generate_latest(registry),
+                        media_type=PROMETHEUS_CONTENT_TYPE)
+
+    return router, loads
+
+
+def create_app(store: LoadStore, *, api_key: str | None = None,
+               registry: CollectorRegistry | None = None) -> FastAPI:
+    """A FastAPI app serving create_router(store); its lifespan starts the store's poll task."""
+    app = _App(title="loadsvc", version=__version__,
+               description="Per-rank load of LLM inference engines (see loadsvc's README).")
+    router, app._loads = _build(store, api_key, registry)
+    app.include_router(router)
+    return app
