@@ -96,14 +96,20 @@ class EngineProfile:
             max_total_num_tokens=rng.choice((120_000, 160_000, 200_000)),
             decode_speed=rng.uniform(60.0, 100.0),
             prefix_share=rng.uniform(0.2, 0.7),
-            load=rng.uniform(0.5, 0.8),
+            load=rng.uniform(0.4, 0.65),
         )
 
     def capacity(self) -> float:
-        """Requests per second the rank completes with a full batch."""
-        n = self.max_running_requests
-        batch_tokens_per_s = n * self.decode_speed / (1.0 + n / self.batch_knee)
+        """Requests per second the rank completes with a full batch.
+
+        The batch is full at max_running_requests or when the KV budget is
+        reserved (each request reserves its prompt and its whole output),
+        whichever comes first.
+        """
+        mean_prompt = self.prompt_median * math.exp(_PROMPT_SIGMA ** 2 / 2)
         mean_output = self.output_median * math.exp(_OUTPUT_SIGMA ** 2 / 2)
+        n = min(self.max_running_requests, self.max_total_num_tokens / (mean_prompt + mean_output))
+        batch_tokens_per_s = n * self.decode_speed / (1.0 + n / self.batch_knee)
         return batch_tokens_per_s / mean_output
 
 
