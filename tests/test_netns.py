@@ -38,7 +38,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from netns import NetnsUnavailable, Topology, check_available, wait_until
+from loadsvc.bench.netns import NetnsUnavailable, Topology, check_available, wait_until
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is in the test extra: pip install -e '.[test]'")
 
@@ -225,12 +225,12 @@ def test_compose_topology_on_network_namespaces(topology: Topology, compose: Com
         # node0's own healthcheck command, run inside its namespace, passes once it is up
         wait_until(lambda: node0_proc.poll() is None and t.run("node0", c.healthcheck("node0"),
                                                                timeout=10, env=env).returncode == 0,
-                   20, f"node0's healthcheck\n{all_logs()}", interval=0.2)
+                   20, lambda: f"node0's healthcheck\n{all_logs()}", interval=0.2)
 
         node1 = t.start("node1", c.command("node1"), logs / "node1.log", env)
         node2 = t.start("node2", c.command("node2"), logs / "node2-a.log", env)
         wait_until(lambda: _all(node0.rest_status(), range(8), "healthy"), 20,
-                   f"all 8 remote ranks healthy over REST\n{all_logs()}")
+                   lambda: f"all 8 remote ranks healthy over REST\n{all_logs()}")
         body = node0.rest_loads()
         assert body["dp_rank_count"] == 8 and [x["dp_rank"] for x in body["loads"]] == list(range(8))
         count, status = node0.grpc_status()
@@ -249,7 +249,7 @@ def test_compose_topology_on_network_namespaces(topology: Topology, compose: Com
         killed_at = time.monotonic()
         Topology.stop(node2, signal.SIGKILL)
         wait_until(lambda: (lambda s: _all(s, range(4, 8), "stale") and _all(s, range(4), "healthy"))(
-            node0.rest_status()), stale_after + 8, f"ranks 4-7 stale\n{all_logs()}")
+            node0.rest_status()), stale_after + 8, lambda: f"ranks 4-7 stale\n{all_logs()}")
         assert time.monotonic() - killed_at >= stale_after - 0.5  # not before the bound
         count, status = node0.grpc_status()
         assert _all(status, range(4, 8), "stale") and _all(status, range(4), "healthy"), status
@@ -257,7 +257,7 @@ def test_compose_topology_on_network_namespaces(topology: Topology, compose: Com
         # node2 comes back (a new publisher epoch): healthy again, serve never restarted
         node2 = t.start("node2", c.command("node2"), logs / "node2-b.log", env)
         wait_until(lambda: _all(node0.rest_status(), range(8), "healthy"), 20,
-                   f"ranks 4-7 healthy again\n{all_logs()}")
+                   lambda: f"ranks 4-7 healthy again\n{all_logs()}")
         assert node0_proc.poll() is None
         _, status = node0.grpc_status()
         assert _all(status, range(8), "healthy"), status

@@ -11,6 +11,8 @@ Docker's embedded DNS would resolve them. Names carry a random
 tag and the subnet is one not already routed here, so parallel runs do not
 clash. Topology.close() removes every namespace, the bridge and the hosts files,
 and kills what it started; it runs even when a test fails.
+
+Used by `loadsvc bench relay` and tests/test_netns.py. Needs root and iproute2.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 NETNS_ETC = Path("/etc/netns")
 
@@ -174,8 +176,12 @@ class Topology:
         return proc.returncode
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    """Call predicate until it returns something truthy; AssertionError after timeout seconds."""
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str],
+               interval: float = 0.1) -> Any:
+    """Call predicate until it returns something truthy; AssertionError after timeout seconds.
+
+    what: a description, or a callable giving one (evaluated only on failure, e.g. logs).
+    """
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
     while time.monotonic() < deadline:
@@ -186,5 +192,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):  # 
         except Exception as e:  # the service is not up yet: keep trying, report the last error
             last_error = e
         time.sleep(interval)
+    if callable(what):
+        what = what()
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
                          + (f" (last error: {last_error!r})" if last_error else ""))
