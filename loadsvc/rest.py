@@ -453,20 +453,23 @@ class _RawResponse(Response):
 
 
 class _App(FastAPI):
-    """The standalone app: GET /v1/loads is answered before FastAPI's own request handling.
+    """create_app's FastAPI: GET /v1/loads answered before FastAPI's own request handling.
 
-    Same _Loads logic as the route, minus the per-request cost of FastAPI's
-    telemetry check, middleware, router, exception layers and Request objects;
-    every other request goes through FastAPI as usual. Embedded routers
-    (create_router) use the route, which answers the same but slower.
+    The same _Loads logic as the route, minus FastAPI's per-request telemetry
+    check, middleware, router, exception layers, AsyncExitStacks and Request
+    objects (together several times the cost of the answer itself). Every other
+    request goes through FastAPI as usual. Once middleware is added to the app
+    (CORS, GZip, ...), /v1/loads takes the ordinary route so that middleware
+    sees it. FastAPI's native OpenTelemetry instrumentation does not see the
+    fast path; /metrics counts it. OpenAPI states the attached region's ranks.
     """
 
     _loads: _Loads
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET":
+        if scope["type"] == "http" and scope["method"] == "GET" and not self.user_middleware:
             path = scope["path"]
-            root = scope.get("root_path")
+            root = scope.get("root_path") or self.root_path
             if root and path.startswith(root):
                 path = path[len(root):]
             if path == "/v1/loads":
@@ -475,6 +478,15 @@ class _App(FastAPI):
                 await send({"type": "http.response.body", "body": body})
                 return
         await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's schema, with dp_rank's maximum set to the attached region's last rank."""
+        spec = super().openapi()
+        dp_size = self._loads.store.dp_size
+        for param in spec["paths"]["/v1/loads"]["get"]["parameters"]:
+            if param["name"] == "dp_rank":
+                param["schema"]["maximum"] = dp_size - 1 if dp_size else INT32_MAX
+        return spec
 
 
 def create_router(store: LoadStore, *, api_key: str | None = None,

@@ -9,7 +9,7 @@ loopback port.
 
 from __future__ import annotations
 
-import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -516,12 +516,18 @@ async def test_metrics_endpoint(client: httpx.AsyncClient, region: Region) -> No
     assert sample(fams, "loadsvc_region_attached", region=str(region.path)) == 1
 
 
-async def test_openapi_describes_the_contract(client: httpx.AsyncClient) -> None:
+async def test_openapi_describes_the_contract(client: httpx.AsyncClient, app_kind: str) -> None:
     spec = (await client.get("/openapi.json")).json()
     op = spec["paths"]["/v1/loads"]["get"]
     params = {p["name"]: p for p in op["parameters"]}
     assert set(params) == {"dp_rank", "include", "format"}
     assert params["dp_rank"]["schema"]["type"] == "integer"
+    assert params["dp_rank"]["schema"]["minimum"] == 0
+    # The standalone app states the attached region's last rank, so a schema-valid rank is served.
+    if app_kind == "create_app":
+        assert params["dp_rank"]["schema"]["maximum"] == 3
+    include_pattern = params["include"]["schema"]["items"]["pattern"]
+    assert re.search(include_pattern, "core, memory,queues") and not re.search(include_pattern, "x")
     assert params["format"]["schema"]["enum"] == ["json", "prometheus"]
     assert all(p["description"] for p in params.values())
     assert {"200", "400", "401"} <= set(op["responses"])
@@ -555,6 +561,25 @@ async def test_lifespan_leaves_a_started_store_running(region: Region,
         assert store.running
     assert store.running  # started by its owner, so not stopped by the app
     await store.stop()
+
+
+async def test_middleware_added_to_create_app_sees_v1_loads(
+        region: Region, make_store: Callable[..., LoadStore],
+        client_for: Callable[[Any], httpx.AsyncClient]) -> None:
+    app = rest.create_app(make_store(region.path))
+
+    @app.middleware("http")
+    async def tag(request: Any, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["x-engine"] = "seen"
+        return response
+
+    client = client_for(app)
+    for query in ("", "?format=prometheus", "?dp_rank=x"):
+        r = await client.get(f"/v1/loads{query}")
+        assert r.headers["x-engine"] == "seen"
+    assert r.status_code == 400 and r.json()["error"]["field"] == "dp_rank"
+    assert len((await client.get("/v1/loads")).json()["loads"]) == 3
 
 
 # -- a real server ------------------------------------------------------------------------------

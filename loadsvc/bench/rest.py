@@ -39,6 +39,7 @@ RATE_HZ = 100.0
 THREADS = 2
 BASELINE_SLOT = 16 * 1024
 WARMUP_SECONDS = 2
+ROUNDS = 2  # alternating wrk runs per side; the best of each is reported
 TARGET_RPS_RATIO = 3.0
 TARGET_P99_RATIO = 1 / 3
 PATH = "/v1/loads"
@@ -332,7 +333,14 @@ def run(args: argparse.Namespace) -> int:
                       f"~{sizes['baseline']} B baseline)")
         for name in ("baseline", "loadsvc"):
             _wrk(wrk, script, urls[name], WARMUP_SECONDS, connections)
-            results[name] = _wrk(wrk, script, urls[name], seconds, connections)
+        # Alternate rounds so a noisy neighbour hurts both sides alike; keep each side's best.
+        for round_no in range(ROUNDS):
+            for name in ("baseline", "loadsvc"):
+                r = _wrk(wrk, script, urls[name], seconds, connections)
+                console.print(f"  round {round_no + 1} {name}: {r['rps']:,.0f} requests/s, "
+                              f"p99 {r['p99_us'] / 1000:.2f} ms")
+                if name not in results or r["rps"] > results[name]["rps"]:
+                    results[name] = r
     finally:
         _stop(procs)
         for path in (shm, flock_file, script):
@@ -348,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
         return f"{us / 1000:.2f} ms"
 
     table = Table(title=f"loadsvc bench rest: GET {PATH}, {RANKS} ranks, wrk {THREADS} threads "
-                        f"{connections} connections {seconds} s")
+                        f"{connections} connections, best of {ROUNDS} x {seconds} s")
     table.add_column("")
     table.add_column("requests/s", justify="right")
     table.add_column("p50", justify="right")
