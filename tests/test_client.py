@@ -1,0 +1,317 @@
+"""loadsvc/client.py: `loadsvc get` and `loadsvc watch` against a real `loadsvc serve` process.
+
+One region of five ranks: the simulator publishes ranks 0-2, the test itself
+publishes rank 3 with known values (so output can be compared exactly), rank 4
+is never published. The server runs with --stale-after 1 so a rank turns stale
+within a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from conftest import free_port, start_serve
+from loadsvc import LoadSnapshot, MemoryMetrics, QueueMetrics, ShmPublisher, ShmReader, default_path
+from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
+from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc
+
+DP_SIZE = 5
+SIM_RANKS = (0, 1, 2)
+OWN_RANK = 3
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def own_snapshot(running: int = 17) -> Any:
+    return LoadSnapshot(
+        dp_rank=OWN_RANK, num_running_reqs=running, num_waiting_reqs=4, num_total_reqs=running + 4,
+        num_used_tokens=51234, max_total_num_tokens=123456, token_usage=51234 / 123456,
+        gen_throughput=1234.5, cache_hit_rate=0.375, utilization=0.625, max_running_requests=96,
+        num_waiting_uncached_tokens=777, num_total_tokens=60000,
+        memory=MemoryMetrics(weight_gb=15.5, kv_cache_gb=20.25, graph_gb=1.5, token_capacity=123456),
+        queues=QueueMetrics(waiting=4, grammar=1, paused=0, retracted=2))
+
+
+class Deployment:
+    def __init__(self) -> None:
+        self.shm = default_path(f"test-client-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.sim = subprocess.Popen(
+            [sys.executable, "-m", "loadsvc", "simulate", "--shm", str(self.shm), "--dp-size", str(DP_SIZE),
+             "--ranks", "0-2", "--rate", "20", "--seed", "11"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.server = start_serve(self.shm, dp_size=DP_SIZE,
+                                  args=["--stale-after", "1", "--unreachable-after", "60"])
+        self.target = self.server.grpc_target
+        self.pub = ShmPublisher(self.shm, dp_size=DP_SIZE, dp_rank=OWN_RANK)
+        self.pub.publish(own_snapshot())
+        # Rank 3 is republished (same values) every 100 ms, so it stays healthy
+        # however slowly a client starts; pause_own() lets it turn stale.
+        self._own_paused = threading.Event()
+        self._own_stop = threading.Event()
+        self._own_thread = threading.Thread(target=self._refresh_own, daemon=True)
+        self._own_thread.start()
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = loads_pb2_grpc.LoadServiceStub(self.channel)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                resp = self.stub.GetLoads(pb.GetLoadsRequest(), timeout=2)
+                if [load.dp_rank for load in resp.loads] == [0, 1, 2, 3]:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "the deployment never showed ranks 0-3"
+            time.sleep(0.05)
+
+    def _refresh_own(self) -> None:
+        while not self._own_stop.wait(0.1):
+            if not self._own_paused.is_set():
+                self.pub.publish(own_snapshot())
+
+    def pause_own(self) -> None:
+        self._own_paused.set()
+
+    def resume_own(self) -> None:
+        self.pub.publish(own_snapshot())
+        self._own_paused.clear()
+
+    def status(self, rank: int) -> str:
+        resp = self.stub.GetLoads(pb.GetLoadsRequest(dp_rank=rank, include=["core"]), timeout=5)
+        return pb.LoadStatus.Name(resp.loads[0].status)
+
+    def close(self) -> None:
+        self._own_stop.set()
+        self._own_thread.join()
+        self.channel.close()
+        self.pub.close()
+        self.sim.send_signal(signal.SIGTERM)
+        try:
+            self.sim.wait(5)
+        except subprocess.TimeoutExpired:
+            self.sim.kill()
+            self.sim.wait()
+        self.server.close()
+        self.shm.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[Deployment]:
+    d = Deployment()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def loadsvc(*args: str, timeout: float = 20, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loadsvc", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    """Table rows of rich output keyed by rank: the cells between the box-drawing bars."""
+    out = {}
+    for line in ANSI.sub("", text).splitlines():
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            out[cells[0]] = cells
+    return out
+
+
+# -- get ---------------------------------------------------------------------------------
+
+
+def test_get_prints_every_rank(deployment):
+    result = loadsvc("get", "--grpc", deployment.target)
+    assert result.returncode == 0, result.stderr
+    table = rows(result.stdout)
+    assert sorted(table) == ["0", "1", "2", "3", "4"]
+    with ShmReader(deployment.shm) as reader:
+        for rank in SIM_RANKS:
+            snap = reader.read(rank)
+            cells = table[str(rank)]
+            assert cells[1] == "healthy"
+            assert cells[3].endswith(f"/{snap.max_running_requests}")
+            assert cells[5].endswith(f"/{snap.max_total_num_tokens:,}")
+    own = table["3"]
+    assert own[1] == "healthy"
+    assert own[3:10] == ["17/96", "4", "51,234/123,456", "41%", "1,234 tok/s", "38%", "62%"]
+    assert own[10] == "mem queues"
+    assert table["4"][1] == "not published"
+    assert "/5 ranks healthy" in result.stdout and f"loadsvc {deployment.target}" in result.stdout
+    assert re.search(r"aggregate: \d+ running, \d+ waiting, \d+ total", result.stdout)
+
+
+def test_get_json_matches_the_published_values(deployment):
+    result = loadsvc("get", "--grpc", deployment.target, "--json")
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["dp_rank_count"] == DP_SIZE
+    loads = {load["dp_rank"]: load for load in body["loads"]}
+    assert sorted(loads) == [0, 1, 2, 3]
+    own, expected = loads[OWN_RANK], own_snapshot()
+    for name in ("num_running_reqs", "num_waiting_reqs", "num_total_reqs", "num_used_tokens",
+                 "max_total_num_tokens", "token_usage", "gen_throughput", "cache_hit_rate",
+                 "utilization", "max_running_requests", "num_waiting_uncached_tokens"):
+        assert own[name] == getattr(expected, name), name
+    assert int(own["num_total_tokens"]) == 60000  # int64: a string in protobuf's JSON
+    assert own["memory"] == {"weight_gb": 15.5, "kv_cache_gb": 20.25, "graph_gb": 1.5,
+                             "token_capacity": 123456}
+    assert own["queues"] == {"waiting": 4, "grammar": 1, "paused": 0, "retracted": 2}
+    assert own["status"] == "LOAD_STATUS_HEALTHY"
+    assert 0 < int(own["seq"]) <= deployment.pub.seq
+    with ShmReader(deployment.shm) as reader:
+        for rank in SIM_RANKS:
+            load, snap = loads[rank], reader.read(rank)
+            assert load["max_total_num_tokens"] == snap.max_total_num_tokens
+            assert load["token_usage"] == load["num_used_tokens"] / load["max_total_num_tokens"]
+            assert load["num_total_reqs"] == load["num_running_reqs"] + load["num_waiting_reqs"]
+            assert 0 < int(load["seq"]) <= snap.seq
+    running = sum(load["num_running_reqs"] for load in loads.values())
+    assert body["aggregate"]["total_running_reqs"] == running
+
+
+def test_get_one_rank_core_only(deployment):
+    result = loadsvc("get", "--grpc", deployment.target, "--json", "--dp-rank", "3", "--include", "core")
+    assert result.returncode == 0, result.stderr
+    (load,) = json.loads(result.stdout)["loads"]
+    assert load["dp_rank"] == 3 and load["num_running_reqs"] == 17
+    assert "memory" not in load and "queues" not in load
+    table = rows(loadsvc("get", "--grpc", deployment.target, "--dp-rank", "3").stdout)
+    assert list(table) == ["3"]  # the one rank, no unpublished rows
+
+
+def test_stale_rank_is_coloured_yellow(deployment):
+    deployment.pause_own()
+    try:
+        deadline = time.monotonic() + 10
+        while deployment.status(OWN_RANK) != "LOAD_STATUS_STALE":  # --stale-after 1
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        result = loadsvc("get", "--grpc", deployment.target, env={"FORCE_COLOR": "1", "TERM": "xterm"})
+    finally:
+        deployment.resume_own()
+    assert result.returncode == 0, result.stderr
+    assert rows(result.stdout)["3"][1] == "stale"
+    assert rows(result.stdout)["0"][1] == "healthy"
+    line3 = next(line for line in result.stdout.splitlines() if "stale" in line)
+    assert "\x1b[33m" in line3  # yellow
+    line4 = next(line for line in result.stdout.splitlines() if "not published" in line)
+    assert "\x1b[31m" in line4  # red
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--include", "bogus"], "include"),
+    (["--dp-rank", "9"], "dp_rank"),
+    (["--dp-rank", "-1"], "dp_rank"),
+])
+def test_get_invalid_argument_exit_2(deployment, args, field):
+    result = loadsvc("get", "--grpc", deployment.target, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("loadsvc get: invalid request: ") and field in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_get_server_down():
+    target = f"127.0.0.1:{free_port()}"
+    result = loadsvc("get", "--grpc", target)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"loadsvc get: cannot reach loadsvc at {target}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# -- watch -------------------------------------------------------------------------------
+
+
+def test_watch_count_exits_after_that_many_messages(deployment):
+    start = time.monotonic()
+    result = loadsvc("watch", "--grpc", deployment.target, "--count", "3", "--dp-rank", "0",
+                     timeout=15)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - start < 10
+    for i in (1, 2, 3):
+        assert f"message {i} of 3" in result.stdout
+    assert "message 4" not in result.stdout
+    tables = [rows(block) for block in result.stdout.split("message ")[1:]]
+    assert [list(t) for t in tables] == [["0"]] * 3
+    assert len({t["0"][5] for t in tables}) > 1  # the simulated rank moves between messages
+
+
+def test_watch_sigint_exits_0(deployment):
+    proc = subprocess.Popen([sys.executable, "-m", "loadsvc", "watch", "--grpc", deployment.target],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline()  # the first table is on its way
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=5)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_watch_server_down():
+    target = f"127.0.0.1:{free_port()}"
+    result = loadsvc("watch", "--grpc", target, "--count", "1")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"loadsvc watch: cannot reach loadsvc at {target}")
+    assert "Traceback" not in result.stderr
+
+
+def test_watch_bad_interval(deployment):
+    result = loadsvc("watch", "--grpc", deployment.target, "--max-interval-ms", "-5")
+    assert result.returncode == 2
+    assert "--max-interval-ms" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- TLS and API key -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_and_api_key(shm_path, serve_process, tls_files):
+    cert, key = tls_files
+    server = serve_process(shm_path, dp_size=2, args=["--tls-cert", str(cert), "--tls-key", str(key),
+                                                      "--api-key", "s3cret"])
+    with ShmPublisher(shm_path, dp_size=2, dp_rank=1) as pub:
+        pub.publish(LoadSnapshot(dp_rank=1, num_running_reqs=5, max_running_requests=8,
+                                 max_total_num_tokens=1000))
+        target = server.grpc_target
+        ok = loadsvc("get", "--grpc", target, "--tls-ca", str(cert), "--api-key", "s3cret", "--json")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["loads"][0]["num_running_reqs"] == 5
+        env_key = loadsvc("get", "--grpc", target, "--tls-ca", str(cert), env={"LOADSVC_API_KEY": "s3cret"})
+        assert env_key.returncode == 0, env_key.stderr
+        assert rows(env_key.stdout)["1"][3] == "5/8"
+        no_key = loadsvc("get", "--grpc", target, "--tls-ca", str(cert))
+        assert no_key.returncode == 1
+        assert "--api-key" in no_key.stderr and "Traceback" not in no_key.stderr
+        watch = loadsvc("watch", "--grpc", target, "--tls-ca", str(cert), "--api-key", "s3cret",
+                        "--count", "1")
+        assert watch.returncode == 0, watch.stderr
+        assert rows(watch.stdout)["1"][3] == "5/8"
+        missing = loadsvc("get", "--grpc", target, "--tls-ca", str(cert.with_name("nope.pem")))
+        assert missing.returncode == 2 and "cannot read --tls-ca" in missing.stderr
