@@ -35,10 +35,13 @@ then hard-linked into place, so nobody ever sees a half-written header. A file
 that exists is validated: wrong magic, layout version, schema fingerprint or
 slot count is a RegionError naming the file and what differs.
 
-Ownership: each publisher holds an advisory record lock (fcntl.lockf) on one
-byte of its slot for its whole life, taken once when it attaches, never while
-publishing. A second publisher for the same rank gets a RegionError; the
-kernel drops the lock when the owner dies, so a restarted engine takes over.
+Ownership: each publisher holds an advisory lock on one byte of its slot for
+its whole life, taken once when it attaches, never while publishing. A second
+publisher for the same rank gets a RegionError; the kernel drops the lock when
+the owner dies, so a restarted engine takes over. On Linux it is an open file
+description lock (F_OFD_SETLK), which belongs to the publisher's own descriptor:
+a POSIX record lock (lockf) would be dropped whenever the process closed any
+other descriptor of the file (a reader, another rank's publisher, create_region).
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ READ_RETRIES = 8
 _HEADER = struct.Struct("<8sIIQIIIIQ")
 # state, publish time ns, length << 32 | crc32, reserved
 _BUFFER_HEADER = struct.Struct("<QQQQ")
+_BUFFER_STATE = struct.Struct("<QQQ")  # the first three of them
 
 DEFAULT_STALE_AFTER = 3.0
 DEFAULT_UNREACHABLE_AFTER = 30.0
@@ -186,12 +190,17 @@ class _Region:
         return self.slots_off + rank * self.slot_size + (n & 1) * (self.slot_size // 2)
 
     def close(self) -> None:
+        # Idempotent: a failed ShmPublisher closes its region and is closed again
+        # by __del__; a second os.close could hit a descriptor reused meanwhile.
+        if self.fd < 0:
+            return
         try:
             self.q.release()
             self.mm.close()
         except BufferError:
             pass  # a caller still holds a view; the mapping goes with the process
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1
+        os.close(fd)
 
 
 def _create_or_open(path: Path, dp_size: int, payload_capacity: int, mode: int) -> int:
@@ -200,6 +209,9 @@ def _create_or_open(path: Path, dp_size: int, payload_capacity: int, mode: int) 
         return os.open(path, os.O_RDWR)
     except FileNotFoundError:
         pass
+    except OSError as e:  # EACCES, ENOTDIR, ...: say which file and why
+        raise RegionError(f"cannot open region {path} read-write: {e.strerror}; check the path "
+                          "and the file's owner and mode") from e
     if not 1 <= dp_size <= MAX_SLOTS:
         raise ValueError(f"dp_size must be 1..{MAX_SLOTS}, got {dp_size}")
     seq_off, slots_off, slot_size = _layout(dp_size, payload_capacity)
@@ -259,9 +271,22 @@ def create_region(path: str | os.PathLike[str], dp_size: int, *,
         region.close()
 
 
-# Ranks owned by publishers of this process, per region file (record locks are
-# per process, so a second publisher in the same process needs this check).
+# Ranks owned by publishers of this process, per region file: gives a second
+# publisher in the same process a clear message (and is the only guard where
+# only per-process lockf locks exist).
 _OWNED: set[tuple[int, int, int]] = set()
+
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
+# struct flock on 64-bit Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid, padding.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _lock_byte(fd: int, offset: int) -> None:
+    """Lock one byte of fd exclusively without waiting; OSError when someone holds it."""
+    if _F_OFD_SETLK is not None and _FLOCK.size == 32:
+        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+    else:  # per process: closing any descriptor of the file drops it
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
 
 
 class ShmPublisher:
@@ -320,7 +345,7 @@ class ShmPublisher:
             raise RegionError(f"{self.path}: dp_rank {self.dp_rank} already has a publisher in this "
                               "process; one writer per rank")
         try:
-            fcntl.lockf(r.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, lock_at)
+            _lock_byte(r.fd, lock_at)
         except OSError as e:
             r.close()
             raise RegionError(f"{self.path}: dp_rank {self.dp_rank} is already published by another "
@@ -377,7 +402,7 @@ class ShmPublisher:
         self._q = self._mm = None  # type: ignore[assignment]
         if self._owned is not None:
             _OWNED.discard(self._owned)
-        self._region.close()  # closing the fd drops the record lock
+        self._region.close()  # closing the fd drops the lock
         self._region = None  # type: ignore[assignment]
 
     def __enter__(self) -> ShmPublisher:
@@ -415,6 +440,9 @@ class ShmReader:
         except FileNotFoundError:
             raise RegionError(f"{self.path}: no region file (has any publisher or `loadsvc serve "
                               "--dp-size N` started?)") from None
+        except OSError as e:  # EACCES, ENOTDIR, ...: say which file and why
+            raise RegionError(f"cannot open region {self.path} for reading: {e.strerror}; check "
+                              "the path and the file's owner and mode") from e
         try:
             self._region = _Region(self.path, fd, writable=False)
         except BaseException:
@@ -433,6 +461,8 @@ class ShmReader:
         self._slots_off = r.slots_off
         self._slot_size = r.slot_size
         self._seq_struct = struct.Struct(f"<{self.dp_size}Q")
+        # Offset of buffer (n & 1) of rank r at index 2 * r + (n & 1).
+        self._buffers = [r.buffer_offset(rank, i) for rank in range(self.dp_size) for i in (0, 1)]
         self._all_key = b""
         self._all: list[Any] = []
         self.torn_retries = 0  # buffer changed or checksum failed during a copy
@@ -491,13 +521,33 @@ class ShmReader:
             return self._all
         seqs = list(self._seq_struct.unpack(key))
         cache, cache_seq = self._cache, self._cache_seq
-        out = []
-        for rank, n in enumerate(seqs):
-            if n != cache_seq[rank]:
-                self._refresh(rank, n)
-            if cache[rank] is not None:
-                out.append(cache[rank])
-        self._all = out
+        # The first attempt of _refresh, inlined with every name local (this loop
+        # runs for each changed rank); anything unusual falls back to _refresh,
+        # which retries and counts.
+        mm, q, buffers, capacity = self._mm, self._q, self._buffers, self.payload_capacity
+        unpack, decode, crc32 = _BUFFER_STATE.unpack_from, self._decode, zlib.crc32
+        rank = -1
+        for n in seqs:
+            rank += 1
+            if n == cache_seq[rank]:
+                continue
+            base = buffers[2 * rank + (n & 1)]
+            state, t, lc = unpack(mm, base)
+            if state == 2 * n and (lc >> 32) <= capacity:
+                data = mm[base + BUFFER_HEADER:base + BUFFER_HEADER + (lc >> 32)]
+                if q[base >> 3] == state and crc32(data, (n * _CRC_MUL ^ t) & 0xFFFFFFFF) == lc & 0xFFFFFFFF:
+                    try:
+                        snap = decode(data)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        snap = None
+                    if snap is not None and snap.dp_rank == rank:
+                        snap.seq = n
+                        snap.publish_time_ns = t
+                        cache[rank] = snap
+                        cache_seq[rank] = n
+                        continue
+            self._refresh(rank, n)
+        self._all = out = [snap for snap in cache if snap is not None]
         # Remember the key only when every rank was read at that sequence, so a
         # rank that could not be read intact is retried on the next call.
         self._all_key = key if seqs == cache_seq else b""
