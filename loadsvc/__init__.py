@@ -1,6 +1,7 @@
 """loadsvc: per-rank load from LLM inference engines to the routers that pick a rank.
 
-    from loadsvc import LoadSnapshot, ShmPublisher, ShmReader
+    from loadsvc import LoadSnapshot, ShmPublisher, ShmReader          # engines publish
+    from loadsvc import open_store, loads_router, add_to_grpc_server   # engines serve loads
 
 See README.md for the whole picture; proto/loadsvc/v1/loads.proto is the schema.
 """
@@ -24,6 +25,19 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
+# The embedding API (loadsvc/embed.py) is imported on first use: publishing
+# engines that only need ShmPublisher do not pay for importing grpc and FastAPI.
+_EMBED = ("add_orca_service", "add_to_grpc_server", "loads_router", "open_store")
+
+
+def __getattr__(name: str) -> object:
+    if name in _EMBED:
+        from loadsvc import embed, orca
+
+        return getattr(orca if name == "add_orca_service" else embed, name)
+    raise AttributeError(f"module 'loadsvc' has no attribute {name!r}")
+
+
 __all__ = [
     "AggregateMetrics",
     "DisaggregationMetrics",
@@ -37,6 +51,10 @@ __all__ = [
     "SpeculativeMetrics",
     "Status",
     "__version__",
+    "add_orca_service",
+    "add_to_grpc_server",
     "default_path",
     "freshness",
+    "loads_router",
+    "open_store",
 ]

@@ -317,13 +317,16 @@ def _reflection_servicer(names: tuple[str, ...], services: LoadServices) -> Any:
 
 def add_load_services(server: grpc.aio.Server, store: LoadStore, *, sglang: bool = True,
                       health: bool = True, reflection: bool = True,
-                      api_key: str | None = None) -> LoadServices:
+                      api_key: str | None = None, extra_services: tuple[str, ...] = ()) -> LoadServices:
     """Add loadsvc's gRPC services over ``store`` to a ``grpc.aio`` server (before it starts).
 
     api_key: when set, every method except health requires metadata
     ``authorization: Bearer <api_key>`` (UNAUTHENTICATED otherwise).
+    extra_services: full names of services the caller adds to the same server
+    over the same store (ORCA: loadsvc.orca.ORCA_SERVICE), listed in reflection
+    and health alongside loadsvc's own.
     """
-    names = [LOAD_SERVICE] + ([SGLANG_SERVICE] if sglang else [])
+    names = [LOAD_SERVICE] + ([SGLANG_SERVICE] if sglang else []) + list(extra_services)
     health_servicer = None
     if health:
         from grpc_health.v1 import health as grpc_health

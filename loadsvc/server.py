@@ -1,6 +1,6 @@
 """`loadsvc serve`: the standalone host of the gRPC and REST surfaces over one LoadStore.
 
-    region file --LoadStore (polls every 1 ms)--+--> grpc.aio server  (add_load_services)
+    region file --LoadStore (polls every 1 ms)--+--> grpc.aio server  (add_load_services, add_orca_service)
          ^                                      +--> uvicorn + FastAPI (rest.create_app)
          |                                      one asyncio loop (uvloop when installed)
     Collector (--collect, ZMQ) relays remote ranks into the region
@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from loadsvc.grpc_service import add_load_services
+from loadsvc.orca import ORCA_SERVICE, add_orca_service
 from loadsvc.settings import ServeSettings
 from loadsvc.store import LoadStore
 
@@ -135,7 +136,9 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
     registry = CollectorRegistry()
     store = LoadStore(settings.store)
     grpc_server = grpc.aio.server(options=list(GRPC_OPTIONS))
-    services = add_load_services(grpc_server, store, api_key=settings.api_key)
+    services = add_load_services(grpc_server, store, api_key=settings.api_key,
+                                 extra_services=(ORCA_SERVICE,))
+    orca = add_orca_service(grpc_server, store, ranks=settings.orca_ranks)
     http_sock: socket.socket | None = None
     http_task: asyncio.Task[None] | None = None
     uv: Any = None
@@ -192,6 +195,7 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
         else:
             await stop.wait()
     finally:
+        orca.close()  # ORCA streams end now rather than at the end of the gRPC grace period
         await _shutdown(store, grpc_server, grpc_started, services, uv, http_task, http_sock, collector)
 
 

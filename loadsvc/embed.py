@@ -1,0 +1,111 @@
+"""Serve loadsvc from an engine's own HTTP and gRPC servers, one line each.
+
+    engine ranks --ShmPublisher--> region <--open_store()-- LoadStore (one per process)
+                                                  |
+               +----------------------------------+--------------------------------+
+               v                                                                   v
+    app.include_router(loads_router(store))              add_to_grpc_server(server, store)
+    GET /v1/loads (what `loadsvc serve` serves)          loadsvc.v1.LoadService, SGLang GetLoads,
+                                                         ORCA OpenRcaService, health, reflection
+
+Routers that poll the engine itself then see loadsvc's view: the SGLang gateway
+polls each worker's ``/v1/loads``, and gRPC ``weighted_round_robin`` clients
+read ORCA on the very connection they balance. The store reads the same region
+as ``loadsvc serve`` would; nothing is published twice.
+
+    store = open_store("/dev/shm/loadsvc-default.shm")
+    app.include_router(loads_router(store))           # FastAPI
+    add_to_grpc_server(server, store)                  # grpc.aio, before server.start()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loadsvc.orca import MIN_REPORT_INTERVAL, ORCA_SERVICE, OrcaService, add_orca_service
+from loadsvc.settings import StoreSettings
+from loadsvc.shm import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
+from loadsvc.store import LoadStore
+
+if TYPE_CHECKING:
+    import grpc
+
+    from loadsvc.grpc_service import LoadServices
+
+__all__ = ["open_store", "loads_router", "add_to_grpc_server", "GrpcSurfaces"]
+
+
+def open_store(path: str | os.PathLike[str] | None = None, *, dp_size: int | None = None,
+               stale_after: float = DEFAULT_STALE_AFTER,
+               unreachable_after: float = DEFAULT_UNREACHABLE_AFTER,
+               region_mode: int = 0o600, poll_interval: float = 0.001) -> LoadStore:
+    """A LoadStore over the region at path (default ``/dev/shm/loadsvc-default.shm``).
+
+    dp_size creates the region with that many ranks if it does not exist yet;
+    without it the store reports no ranks until a publisher creates the region.
+    The store refreshes on every read; ``await store.start()`` in the serving
+    loop also runs its poll task (the gRPC surface starts it for WatchLoads).
+    """
+    if not stale_after > 0:
+        raise ValueError(f"stale_after must be > 0 seconds, got {stale_after}")
+    if not unreachable_after >= stale_after:
+        raise ValueError(f"unreachable_after ({unreachable_after}) must be >= stale_after ({stale_after})")
+    shm = default_path() if path is None else Path(path)
+    return LoadStore(StoreSettings(shm=shm, dp_size=dp_size, stale_after=stale_after,
+                                   unreachable_after=unreachable_after, region_mode=region_mode,
+                                   poll_interval=poll_interval))
+
+
+def loads_router(store: LoadStore, *, api_key: str | None = None) -> Any:
+    """A FastAPI APIRouter serving ``GET /v1/loads`` over store, exactly as ``loadsvc serve`` does.
+
+    ``app.include_router(loads_router(store))`` in the engine's FastAPI app. The
+    router also has ``/health`` and ``/metrics``; routes match in the order they
+    were added, so include it after the engine's own routes and the engine's
+    ``/health`` keeps answering. api_key: when set, ``/v1/loads`` and
+    ``/metrics`` need ``Authorization: Bearer <api_key>``.
+    """
+    from loadsvc.rest import create_router
+
+    return create_router(store, api_key=api_key)
+
+
+@dataclass(frozen=True)
+class GrpcSurfaces:
+    """What add_to_grpc_server added: the load services and the ORCA service (None if off)."""
+
+    load: LoadServices
+    orca: OrcaService | None
+
+    async def aclose(self) -> None:
+        """Health NOT_SERVING, end WatchLoads and ORCA streams; call before ``server.stop(grace)``."""
+        if self.orca is not None:
+            self.orca.close()
+        await self.load.aclose()
+
+
+def add_to_grpc_server(server: grpc.aio.Server, store: LoadStore, *, sglang: bool = True,
+                       orca: bool = True, orca_ranks: Sequence[int] | None = None,
+                       health: bool = True, reflection: bool = True,
+                       api_key: str | None = None,
+                       orca_min_report_interval: float = MIN_REPORT_INTERVAL) -> GrpcSurfaces:
+    """Add loadsvc's gRPC services over store to an engine's ``grpc.aio`` server (before it starts).
+
+    Adds ``loadsvc.v1.LoadService``, the SGLang-compatible ``GetLoads`` (sglang=False
+    for an engine that already serves ``SglangScheduler``), ORCA
+    ``OpenRcaService`` (reporting for orca_ranks, default every rank), health and
+    reflection. api_key guards every method but health and ORCA (see loadsvc.orca).
+    """
+    from loadsvc.grpc_service import add_load_services
+
+    load = add_load_services(server, store, sglang=sglang, health=health, reflection=reflection,
+                             api_key=api_key, extra_services=(ORCA_SERVICE,) if orca else ())
+    orca_service = None
+    if orca:
+        orca_service = add_orca_service(server, store, ranks=orca_ranks,
+                                        min_report_interval=orca_min_report_interval)
+    return GrpcSurfaces(load, orca_service)
