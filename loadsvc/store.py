@@ -328,6 +328,8 @@ class LoadStore:
                     await asyncio.wait_for(event.wait(), timeout)
             except asyncio.TimeoutError:
                 return self._change_version > after
+            if self._closed:  # stop() woke us; nothing changes any more (and the event stays set)
+                return self._change_version > after
         return True
 
     async def start(self) -> None:
