@@ -490,22 +490,24 @@ class _App(FastAPI):
 
 
 def create_router(store: LoadStore, *, api_key: str | None = None,
-                  registry: CollectorRegistry | None = None) -> APIRouter:
+                  registry: CollectorRegistry | None = None, health: bool = True,
+                  metrics: bool = True) -> APIRouter:
     """GET /v1/loads, /health and /metrics over store, as a router to mount in any FastAPI app.
 
     api_key: when set, /v1/loads and /metrics need ``Authorization: Bearer <api_key>``
     (/health stays open). registry: where the REST counters and the region's
     reader counters are registered and what /metrics exposes (a new one if None).
+    health=False / metrics=False leave those paths to an engine that has its own.
     """
-    return _build(store, api_key, registry)[0]
+    return _build(store, api_key, registry, health=health, metrics=metrics)[0]
 
 
-def _build(store: LoadStore, api_key: str | None,
-           registry: CollectorRegistry | None) -> tuple[APIRouter, _Loads]:
+def _build(store: LoadStore, api_key: str | None, registry: CollectorRegistry | None, *,
+           health: bool = True, metrics: bool = True) -> tuple[APIRouter, _Loads]:
     registry = registry if registry is not None else CollectorRegistry()
-    metrics = _metrics_for(registry)
-    metrics.readers.stores.add(store)
-    loads = _Loads(store, metrics, api_key)
+    counters = _metrics_for(registry)
+    counters.readers.stores.add(store)
+    loads = _Loads(store, counters, api_key)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -533,6 +535,14 @@ def _build(store: LoadStore, api_key: str | None,
     async def get_loads(request: Request) -> Response:
         return _RawResponse(*loads.respond(request.scope))
 
+    if health:
+        _add_health(router, store, counters)
+    if metrics:
+        _add_metrics(router, loads, counters, registry)
+    return router, loads
+
+
+def _add_health(router: APIRouter, store: LoadStore, counters: _Metrics) -> None:
     @router.get(
         "/health", summary="Is the region attached", operation_id="health",
         description="200 while the shared-memory region is attached, else 503 with the reason. "
@@ -554,14 +564,18 @@ def _build(store: LoadStore, api_key: str | None,
     async def health(request: Request) -> Response:
         view = store.view()
         if store.attached:
-            metrics.count("/health", 200)
+            counters.count("/health", 200)
             body = {"status": "ok", "attached": True, "ranks": store.dp_size or 0,
                     "published": len(view.snapshots)}
             return Response(_encode_json(body), 200, media_type=JSON_CONTENT_TYPE)
-        metrics.count("/health", 503)
+        counters.count("/health", 503)
         body = {"status": "unavailable", "attached": False, "reason": store.attach_error}
         return Response(_encode_json(body), 503, media_type=JSON_CONTENT_TYPE)
 
+
+
+def _add_metrics(router: APIRouter, loads: _Loads, counters: _Metrics,
+                 registry: CollectorRegistry) -> None:
     @router.get(
         "/metrics", summary="Server metrics (Prometheus)", operation_id="metrics",
         description="Request counters, 400s by field and reason, and shared-memory reader counters.",
@@ -571,11 +585,9 @@ def _build(store: LoadStore, api_key: str | None,
     async def server_metrics(request: Request) -> Response:
         if not loads.authorized(request.scope):
             return _RawResponse(*loads.unauthorized("/metrics"))
-        metrics.count("/metrics", 200)
+        counters.count("/metrics", 200)
         return Response(prometheus_client.generate_latest(registry),
                         media_type=PROMETHEUS_CONTENT_TYPE)
-
-    return router, loads
 
 
 def create_app(store: LoadStore, *, api_key: str | None = None,

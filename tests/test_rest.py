@@ -552,6 +552,22 @@ async def test_embedded_router_keeps_the_engines_routes_and_lifespan(
     assert not store.running
 
 
+async def test_router_can_leave_health_and_metrics_to_the_engine(
+        region: Region, make_store: Callable[..., LoadStore],
+        client_for: Callable[[Any], httpx.AsyncClient]) -> None:
+    app = FastAPI()
+    app.include_router(rest.create_router(make_store(region.path), health=False, metrics=False))
+
+    @app.get("/health")
+    async def engine_health() -> dict[str, str]:
+        return {"engine": "ok"}
+
+    client = client_for(app)
+    assert (await client.get("/health")).json() == {"engine": "ok"}
+    assert (await client.get("/metrics")).status_code == 404
+    assert len((await client.get("/v1/loads")).json()["loads"]) == 3
+
+
 async def test_lifespan_leaves_a_started_store_running(region: Region,
                                                        make_store: Callable[..., LoadStore]) -> None:
     store = make_store(region.path)
