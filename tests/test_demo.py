@@ -1,0 +1,175 @@
+"""loadsvc/demo.py: `loadsvc demo` as a real process with its real children, on free loopback ports."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from conftest import free_port, port_is_free
+from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
+from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc
+from loadsvc.demo import run_demo
+from loadsvc.settings import DemoSettings
+
+READY = "Ctrl-C stops the demo."
+
+
+class DemoProcess:
+    def __init__(self, *args: str) -> None:
+        self.grpc_port, self.http_port = free_port(), free_port()
+        while self.http_port == self.grpc_port:
+            self.http_port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loadsvc", "demo", "--grpc-port", str(self.grpc_port),
+             "--http-port", str(self.http_port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.out: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_ready(self, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {READY!r} within {timeout} s; stdout so far:\n"
+                                     + "".join(self.out)) from None
+            self.out.append(line)
+            if line.strip() == READY:
+                return "".join(self.out)
+
+    def children(self) -> list[int]:
+        pid = self.proc.pid
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return [int(p) for p in text.split()]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def demo_process():
+    started: list[DemoProcess] = []
+
+    def start(*args: str) -> DemoProcess:
+        d = DemoProcess(*args)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.close()
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_demo_serves_four_moving_ranks_and_stops_on_sigint(demo_process):
+    demo = demo_process()
+    banner = demo.wait_ready()
+    region = Path(re.search(r"publishing into (\S+\.shm)", banner).group(1))
+    assert region.exists() and region.name.startswith("loadsvc-demo-")
+    rest = f"http://127.0.0.1:{demo.http_port}"
+    assert f"gRPC  127.0.0.1:{demo.grpc_port}" in banner
+    assert f"curl -s '{rest}/v1/loads?include=all'" in banner
+    assert f"loadsvc watch --grpc 127.0.0.1:{demo.grpc_port}" in banner
+    children = demo.children()
+    assert len(children) == 2  # the server and the simulator
+
+    with httpx.Client(trust_env=False, timeout=5) as http:
+        first = http.get(f"{rest}/v1/loads", params={"include": "all"}).json()
+        time.sleep(0.5)
+        second = http.get(f"{rest}/v1/loads", params={"include": "all"}).json()
+    for body in (first, second):
+        assert [load["dp_rank"] for load in body["loads"]] == [0, 1, 2, 3]
+        assert {load["status"] for load in body["loads"]} == {"healthy"}
+    for a, b in zip(first["loads"], second["loads"]):
+        assert b["seq"] > a["seq"]  # every rank keeps publishing
+    assert first["loads"][0]["lora"]["slots_total"] == 8  # the simulator's sections come through
+    assert first["loads"][2]["disaggregation"]["mode"] == "prefill"
+
+    with grpc.insecure_channel(f"127.0.0.1:{demo.grpc_port}") as channel:
+        resp = loads_pb2_grpc.LoadServiceStub(channel).GetLoads(pb.GetLoadsRequest(), timeout=5)
+    assert resp.dp_rank_count == 4
+    assert [load.dp_rank for load in resp.loads] == [0, 1, 2, 3]
+    assert {load.status for load in resp.loads} == {pb.LOAD_STATUS_HEALTHY}
+    assert all(g.seq >= r["seq"] for g, r in zip(resp.loads, second["loads"]))
+
+    start = time.monotonic()
+    demo.proc.send_signal(signal.SIGINT)
+    demo.proc.wait(15)
+    assert demo.proc.returncode == 0, demo.proc.stderr.read()
+    assert time.monotonic() - start < 8
+    assert all(gone(pid) for pid in children)
+    assert not region.exists()
+    assert port_is_free(demo.grpc_port) and port_is_free(demo.http_port)
+    assert "Traceback" not in demo.proc.stderr.read()
+
+
+def test_demo_stops_everything_when_a_child_dies(demo_process):
+    demo = demo_process()
+    banner = demo.wait_ready()
+    region = Path(re.search(r"publishing into (\S+\.shm)", banner).group(1))
+    server, simulator = demo.children()
+    os.kill(simulator, signal.SIGKILL)
+    demo.proc.wait(15)
+    assert demo.proc.returncode == 1
+    err = demo.proc.stderr.read()
+    assert "the simulator exited with code -9" in err
+    assert gone(server) and not region.exists()
+    assert port_is_free(demo.grpc_port) and port_is_free(demo.http_port)
+
+
+@pytest.mark.parametrize("which, flag", [("http", "--http-port"), ("grpc", "--grpc-port")])
+def test_busy_port_names_the_port_and_the_flag(which, flag):
+    grpc_port, http_port = free_port(), free_port()
+    busy = http_port if which == "http" else grpc_port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", busy))
+        s.listen()
+        result = subprocess.run([sys.executable, "-m", "loadsvc", "demo", "--grpc-port", str(grpc_port),
+                                 "--http-port", str(http_port)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"port {busy} on 127.0.0.1" in result.stderr and f"{flag} PORT" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_engine_mode_not_available_without_the_engine(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "loadsvc.engine" else real(name, *a))
+    assert run_demo(DemoSettings(engine=True, grpc_port=free_port(), http_port=free_port())) == 2
+    err = capsys.readouterr().err
+    assert "--engine" in err and "not available yet" in err
+
+
+def test_same_port_twice_is_a_usage_error(capsys):
+    port = free_port()
+    assert run_demo(DemoSettings(grpc_port=port, http_port=port)) == 2
+    assert f"--grpc-port and --http-port are both {port}" in capsys.readouterr().err
