@@ -169,3 +169,82 @@ def test_serve_port_in_use_fails_with_a_message(shm_path: Path) -> None:
             assert proc.returncode == 1, proc.stderr
             assert f"cannot listen for {'gRPC' if flag == '--grpc-port' else 'REST'}" in proc.stderr
             assert str(port) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_warns_without_tls_or_key_beyond_loopback(shm_path: Path, serve_process: Any) -> None:
+    server = serve_process(shm_path, dp_size=1, args=["--host", "0.0.0.0"])
+    assert "without TLS or an API key" in server.log()
+    assert server.stop() == 0
+
+
+async def test_serve_in_process_ready_and_stop(shm_path: Path) -> None:
+    import asyncio
+
+    from loadsvc.server import serve
+    from loadsvc.settings import ServeSettings, StoreSettings
+
+    settings = ServeSettings(StoreSettings(shm=shm_path, dp_size=2), grpc_port=free_port(), http_port=free_port())
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(settings, ready=ready, stop=stop))
+    await asyncio.wait_for(ready.wait(), 10)
+    with ShmPublisher(shm_path, dp_size=2, dp_rank=0) as pub:
+        pub.publish(LoadSnapshot(dp_rank=0, num_running_reqs=3))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as ch:
+            stub = pb_grpc.LoadServiceStub(ch)
+            for _ in range(200):
+                resp = await stub.GetLoads(pb.GetLoadsRequest())
+                if resp.loads:
+                    break
+                await asyncio.sleep(0.01)
+            assert [(x.dp_rank, x.num_running_reqs) for x in resp.loads] == [(0, 3)]
+            async with httpx.AsyncClient() as http:
+                body = (await http.get(f"http://127.0.0.1:{settings.http_port}/v1/loads")).json()
+            assert body["loads"][0]["num_running_reqs"] == 3
+            stop.set()
+            await asyncio.wait_for(task, 5)
+    assert port_is_free(settings.grpc_port) and port_is_free(settings.http_port)
+
+
+@pytest.fixture
+def mtls_files(tmp_path: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by the CA."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", "ca.key",
+            "-out", "ca.pem", "-subj", "/CN=loadsvc test CA")
+    for name, san in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", None)):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        extra = ["-extfile", "san.ext"] if san else []
+        if san:
+            (tmp_path / "san.ext").write_text(san + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "1", "-out", f"{name}.pem", *extra)
+    return {n: tmp_path / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_serve_mutual_tls(shm_path: Path, serve_process: Any, mtls_files: dict[str, Path]) -> None:
+    f = mtls_files
+    server = serve_process(shm_path, dp_size=1, args=[
+        "--tls-cert", str(f["server.pem"]), "--tls-key", str(f["server.key"]),
+        "--tls-client-ca", str(f["ca.pem"])])
+    assert f"REST listening on https://127.0.0.1:{server.http_port}" in server.log()
+    ca = f["ca.pem"].read_bytes()
+    with_cert = grpc.ssl_channel_credentials(ca, f["client.key"].read_bytes(), f["client.pem"].read_bytes())
+    with grpc.secure_channel(server.grpc_target, with_cert) as ch:
+        resp = pb_grpc.LoadServiceStub(ch).GetLoads(pb.GetLoadsRequest(), timeout=5)
+        assert resp.dp_rank_count == 1
+    with grpc.secure_channel(server.grpc_target, grpc.ssl_channel_credentials(ca)) as ch:
+        with pytest.raises(grpc.RpcError) as err:  # no client certificate: the handshake fails
+            pb_grpc.LoadServiceStub(ch).GetLoads(pb.GetLoadsRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    url = f"https://127.0.0.1:{server.http_port}/v1/loads"
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(f["ca.pem"]))
+    ctx.load_cert_chain(str(f["client.pem"]), str(f["client.key"]))
+    assert httpx.get(url, verify=ctx, timeout=5).json()["dp_rank_count"] == 1
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url, verify=ssl.create_default_context(cafile=str(f["ca.pem"])), timeout=5)
+    assert server.stop() == 0
