@@ -6,6 +6,7 @@
     loadsvc get / watch               read the loads over gRPC
     loadsvc keys gen DIR NAME         CURVE key pair for the relay
     loadsvc engine                    a toy inference engine serving loads itself
+    loadsvc router --worker URL=GRPC  the reference P2C router in front of engines
     loadsvc bench shm|rest|grpc|relay|routing|soak
 """
 
@@ -24,6 +25,7 @@ from loadsvc.settings import (
     CurveServerSettings,
     DemoSettings,
     EngineSettings,
+    RouterSettings,
     ServeSettings,
     SimulateSettings,
     StoreSettings,
@@ -216,6 +218,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shm", type=Path, default=None, help="region file (default: one per engine port)")
     p.add_argument("--publish-rate", type=_positive_float, default=50.0, help="publishes per second per rank")
     p.add_argument("--model", default="loadsvc-toy", help="model name to report")
+    p.add_argument("--step-ms", type=_positive_float, default=10.0,
+                   help="decode step of one request at batch 1, speed 1 (default %(default)s)")
+    p.add_argument("--batch-knee", type=_positive_float, default=32.0,
+                   help="the batch at which a step takes twice as long (default %(default)s)")
+    p.add_argument("--prefill-tokens-per-step", type=_positive_int, default=16,
+                   help="prompt tokens that cost one step (default %(default)s)")
+    p.add_argument("--stale-after", type=_positive_float, default=DEFAULT_STALE_AFTER,
+                   help="seconds without a publish before /v1/loads calls a rank stale "
+                        "(default %(default)s)")
+
+    p = sub.add_parser("router", help="the reference P2C router in front of engines",
+                       description="An HTTP proxy in front of `loadsvc engine` workers that routes by "
+                                   "power of two choices on loads pushed over WatchLoads (or round "
+                                   "robin).")
+    p.add_argument("--worker", action="append", required=True, metavar="URL=GRPC",
+                   help="an engine: HTTP URL = gRPC address, e.g. "
+                        "http://127.0.0.1:30000=127.0.0.1:30001 (repeat per engine)")
+    p.add_argument("--policy", choices=["p2c", "round_robin"], default="p2c",
+                   help="routing policy (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=8080, help="HTTP port (default %(default)s)")
+    p.add_argument("--stale-after", type=_positive_float, default=1.0,
+                   help="skip an engine after this many seconds without a WatchLoads message "
+                        "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the power of two choices")
 
     p = sub.add_parser("bench", help="benchmarks (print figures and ratios against a baseline)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -341,7 +368,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_engine(EngineSettings(
             dp_size=args.dp_size, speeds=speeds, max_running_requests=args.max_running_requests,
             max_total_tokens=args.max_total_tokens, host=args.host, http_port=args.port,
-            grpc_port=args.grpc_port, shm=args.shm, publish_rate=args.publish_rate, model=args.model))
+            grpc_port=args.grpc_port, shm=args.shm, publish_rate=args.publish_rate, model=args.model,
+            stale_after=args.stale_after, step_ms=args.step_ms, batch_knee=args.batch_knee,
+            prefill_tokens_per_step=args.prefill_tokens_per_step))
+    if cmd == "router":
+        from loadsvc.router import parse_worker, run_router
+
+        try:
+            workers = tuple(parse_worker(w) for w in args.worker)
+        except ValueError as e:
+            raise SystemExit(f"loadsvc router: --worker: {e}") from None
+        return run_router(RouterSettings(workers=workers, policy=args.policy, host=args.host,
+                                         port=args.port, stale_after=args.stale_after, seed=args.seed))
     if cmd == "bench":
         import importlib
 

@@ -108,3 +108,30 @@ class EngineSettings:
     model: str = "loadsvc-toy"
     stale_after: float = DEFAULT_STALE_AFTER
     extra: dict[str, str] = field(default_factory=dict)
+    # The toy timing model (loadsvc/engine.py): one decode step per running
+    # request every step_ms * (1 + batch / batch_knee) / speed milliseconds;
+    # prefill_tokens_per_step prompt tokens cost one step.
+    step_ms: float = 10.0
+    batch_knee: float = 32.0
+    prefill_tokens_per_step: int = 16
+
+
+@dataclass(frozen=True)
+class RouterWorker:
+    """One engine behind the reference router: where to send requests, where to watch loads."""
+
+    url: str  # the engine's HTTP base URL, e.g. http://127.0.0.1:30000
+    grpc: str  # the engine's gRPC address for WatchLoads, e.g. 127.0.0.1:30001
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """The reference router (loadsvc/router.py)."""
+
+    workers: tuple[RouterWorker, ...]
+    policy: str = "p2c"  # "p2c" (power of two choices on WatchLoads) or "round_robin"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    stale_after: float = 1.0  # seconds without a WatchLoads message before a worker is skipped
+    seed: int | None = None
+    request_timeout: float = 600.0

@@ -1,0 +1,229 @@
+"""Local fleets for demos, tests and benchmarks: toy engines, a router and the smg gateway.
+
+    with Fleet() as fleet:
+        a = fleet.engine(speeds=(1.0,))                  # `loadsvc engine` on free loopback ports
+        b = fleet.engine(speeds=(0.25,))
+        r = fleet.router([a, b], policy="p2c")           # `loadsvc router` in front of them
+        g = fleet.smg([a, b], policy="power_of_two")     # the SGLang gateway (pip install smg)
+        ...                                              # every process gets SIGTERM at exit
+
+Each process runs in its own process group with its output in a log file, and
+is returned once it answers over HTTP (the gateway: once it has registered
+every worker as healthy). A process that exits or does not answer in time is
+a FleetError carrying the end of its log.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["Fleet", "FleetError", "Proc", "EngineProc", "free_port", "smg_available"]
+
+HOST = "127.0.0.1"
+
+
+class FleetError(RuntimeError):
+    """A fleet process did not start; the message ends with its log."""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on at 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def smg_available() -> str | None:
+    """None when the smg gateway can run here, else why not."""
+    if importlib.util.find_spec("smg") is None:
+        return "the smg gateway is not installed (pip install 'smg==1.13.0', part of the test extra)"
+    return None
+
+
+@dataclass
+class Proc:
+    """One fleet process: its command, HTTP URL and log."""
+
+    name: str
+    cmd: list[str]
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log_file: Any = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self, tail: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except FileNotFoundError:
+            return ""
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait up to timeout (then SIGKILL); the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return self.proc.returncode
+
+
+@dataclass
+class EngineProc(Proc):
+    grpc_port: int = 0
+
+    @property
+    def grpc(self) -> str:
+        return f"{HOST}:{self.grpc_port}"
+
+    def server_info(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/get_server_info", timeout=5).json()
+
+    def completed(self) -> int:
+        """Requests this engine finished (its own counter)."""
+        return self.server_info()["loadsvc_engine"]["completed"]
+
+
+class Fleet:
+    """Starts processes on loopback and stops every one of them on exit (or stop_all())."""
+
+    def __init__(self, *, log_dir: str | os.PathLike[str] | None = None, keep_logs: bool = False) -> None:
+        self.procs: list[Proc] = []
+        self._log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="loadsvc-fleet-"))
+        self._keep_logs = keep_logs or log_dir is not None
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):  # gateways and routers first, then the engines
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            p.stop()
+            if not self._keep_logs:
+                p.log_path.unlink(missing_ok=True)
+        self.procs = []
+        if not self._keep_logs:
+            try:
+                self._log_dir.rmdir()
+            except OSError:
+                pass
+
+    def _spawn(self, cls: type[Proc], name: str, cmd: list[str], url: str, **extra: Any) -> Any:
+        log_path = self._log_dir / f"{name}.log"
+        log_file = open(log_path, "wb")
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        p = cls(name=name, cmd=cmd, url=url, proc=proc, log_path=log_path, _log_file=log_file, **extra)
+        self.procs.append(p)
+        return p
+
+    def _wait(self, p: Proc, path: str, timeout: float, ready: Any = None) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=1.0) as client:
+            while True:
+                if p.proc.poll() is not None:
+                    raise FleetError(f"{p.name} exited with {p.proc.returncode} before it was ready "
+                                     f"({' '.join(p.cmd)}); its log:\n{p.log()}")
+                try:
+                    r = client.get(p.url + path)
+                    if r.status_code == 200 and (ready is None or ready(r)):
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise FleetError(f"{p.name} was not ready within {timeout:.0f} s "
+                                     f"({' '.join(p.cmd)}); its log:\n{p.log()}")
+                time.sleep(0.05)
+
+    def engine(self, *, dp_size: int = 1, speeds: Sequence[float] | None = None,
+               max_running_requests: int | None = None, max_total_tokens: int | None = None,
+               step_ms: float | None = None, batch_knee: float | None = None,
+               stale_after: float | None = None, model: str | None = None,
+               shm: str | os.PathLike[str] | None = None, args: Sequence[str] = (),
+               timeout: float = 30.0) -> EngineProc:
+        """`loadsvc engine` on free ports, returned once /health answers."""
+        http_port, grpc_port = free_port(), free_port()
+        while grpc_port == http_port:
+            grpc_port = free_port()
+        cmd = [sys.executable, "-m", "loadsvc", "--log-level", "WARNING", "engine",
+               "--dp-size", str(dp_size), "--port", str(http_port), "--grpc-port", str(grpc_port)]
+        options = {"--speeds": ",".join(f"{s:g}" for s in speeds) if speeds else None,
+                   "--max-running-requests": max_running_requests, "--max-total-tokens": max_total_tokens,
+                   "--step-ms": step_ms, "--batch-knee": batch_knee, "--stale-after": stale_after,
+                   "--model": model, "--shm": shm}
+        for flag, value in options.items():
+            if value is not None:
+                cmd += [flag, str(value)]
+        cmd += list(args)
+        n = sum(isinstance(p, EngineProc) for p in self.procs)
+        p = self._spawn(EngineProc, f"engine{n}", cmd, f"http://{HOST}:{http_port}", grpc_port=grpc_port)
+        self._wait(p, "/health", timeout)
+        return p
+
+    def router(self, engines: Sequence[EngineProc], *, policy: str = "p2c", seed: int | None = None,
+               args: Sequence[str] = (), timeout: float = 30.0) -> Proc:
+        """`loadsvc router` in front of engines, returned once it sees every engine's loads."""
+        port = free_port()
+        cmd = [sys.executable, "-m", "loadsvc", "--log-level", "WARNING", "router", "--port", str(port),
+               "--policy", policy]
+        for e in engines:
+            cmd += ["--worker", f"{e.url}={e.grpc}"]
+        if seed is not None:
+            cmd += ["--seed", str(seed)]
+        cmd += list(args)
+        p = self._spawn(Proc, f"router-{policy}", cmd, f"http://{HOST}:{port}")
+
+        def all_watched(r: httpx.Response) -> bool:
+            return policy != "p2c" or all(w["connected"] and w["ranks"] for w in r.json()["workers"])
+
+        self._wait(p, "/router/workers", timeout, all_watched)
+        return p
+
+    def smg(self, engines: Sequence[EngineProc], *, policy: str = "power_of_two",
+            load_monitor_interval: float = 1, args: Sequence[str] = (), timeout: float = 60.0) -> Proc:
+        """The smg gateway in front of engines, returned once it lists all of them healthy."""
+        why = smg_available()
+        if why:
+            raise FleetError(why)
+        port = free_port()
+        cmd = [sys.executable, "-m", "smg", "launch", "--host", HOST, "--port", str(port),
+               "--policy", policy, "--load-monitor-interval", f"{load_monitor_interval:g}",
+               "--prometheus-host", HOST, "--prometheus-port", str(free_port()),
+               "--log-level", "warn", "--worker-urls", *[e.url for e in engines], *args]
+        p = self._spawn(Proc, f"smg-{policy}", cmd, f"http://{HOST}:{port}")
+
+        def all_healthy(r: httpx.Response) -> bool:
+            workers = r.json().get("workers", [])
+            return sum(bool(w.get("is_healthy")) for w in workers) == len(engines)
+
+        self._wait(p, "/workers", timeout, all_healthy)
+        return p
