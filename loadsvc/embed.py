@@ -5,7 +5,7 @@
                +----------------------------------+--------------------------------+
                v                                                                   v
     app.include_router(loads_router(store))              add_to_grpc_server(server, store)
-    GET /v1/loads (what `loadsvc serve` serves)          loadsvc.v1.LoadService, SGLang GetLoads,
+    GET /v1/loads (as `loadsvc serve` serves it)         loadsvc.v1.LoadService, SGLang GetLoads,
                                                          ORCA OpenRcaService, health, reflection
 
 Routers that poll the engine itself then see loadsvc's view: the SGLang gateway
@@ -60,18 +60,19 @@ def open_store(path: str | os.PathLike[str] | None = None, *, dp_size: int | Non
                                    poll_interval=poll_interval))
 
 
-def loads_router(store: LoadStore, *, api_key: str | None = None) -> Any:
+def loads_router(store: LoadStore, *, api_key: str | None = None, health: bool = False,
+                 metrics: bool = False, registry: Any = None) -> Any:
     """A FastAPI APIRouter serving ``GET /v1/loads`` over store, exactly as ``loadsvc serve`` does.
 
-    ``app.include_router(loads_router(store))`` in the engine's FastAPI app. The
-    router also has ``/health`` and ``/metrics``; routes match in the order they
-    were added, so include it after the engine's own routes and the engine's
-    ``/health`` keeps answering. api_key: when set, ``/v1/loads`` and
-    ``/metrics`` need ``Authorization: Bearer <api_key>``.
+    ``app.include_router(loads_router(store))`` in the engine's FastAPI app. Only
+    ``/v1/loads`` by default: an engine has its own ``/health`` (and often
+    ``/metrics``); health=True / metrics=True add loadsvc's (registry: the
+    prometheus_client CollectorRegistry /metrics exposes). api_key: when set,
+    ``/v1/loads`` and ``/metrics`` need ``Authorization: Bearer <api_key>``.
     """
     from loadsvc.rest import create_router
 
-    return create_router(store, api_key=api_key)
+    return create_router(store, api_key=api_key, registry=registry, health=health, metrics=metrics)
 
 
 @dataclass(frozen=True)

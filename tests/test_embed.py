@@ -46,10 +46,19 @@ async def test_loads_router_serves_v1_loads_in_an_engine_app(region: Path) -> No
             assert [(x["dp_rank"], x["num_running_reqs"], x["num_waiting_reqs"], x["token_usage"],
                      x["status"]) for x in body["loads"]] == [(1, 7, 2, 0.25, "healthy")]
             assert body["aggregate"]["total_running_reqs"] == 7
-            assert (await c.get("/health")).json() == {"engine": "ok"}  # the engine's own route wins
+            assert (await c.get("/health")).json() == {"engine": "ok"}  # the engine's own
+            assert (await c.get("/metrics")).status_code == 404  # not added unless asked for
             assert (await c.get("/get_model_info")).json() == {"model_path": "toy"}
             prom = (await c.get("/v1/loads", params={"format": "prometheus"})).text
             assert 'num_running_reqs{dp_rank="1"} 7.0' in prom
+
+
+async def test_loads_router_can_add_health_and_metrics(region: Path) -> None:
+    app = FastAPI()
+    app.include_router(loads_router(open_store(region, dp_size=2), health=True, metrics=True))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://engine") as c:
+        assert (await c.get("/health")).json()["attached"] is True
+        assert "loadsvc_region_attached" in (await c.get("/metrics")).text
 
 
 async def test_loads_router_api_key(region: Path) -> None:
