@@ -138,6 +138,7 @@ REJECT_REASONS: dict[str, str] = {
     "region_error": "the region could not be opened for writing",
     "unauthorized": "CURVE handshake refused: key not in the authorized directory (per attempt)",
     "handshake_failed": "handshake failed (wrong server key, or CURVE on one side only; per attempt)",
+    "internal_error": "an unexpected error while handling the frame (logged with its traceback)",
 }
 
 
@@ -580,28 +581,31 @@ class Collector:
         next_region_check = time.monotonic() + REGION_CHECK
         try:
             while not self._stopping.is_set():
-                events = dict(poller.poll(100))
-                if sock in events:
-                    for _ in range(1024):  # bounded batch, then look at the rest
-                        try:
-                            parts = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self.handle(parts, self._clock())
-                if monitor in events:
-                    self._drain_monitor(monitor)
-                now = time.monotonic()
-                if now >= next_region_check:
-                    next_region_check = now + REGION_CHECK
-                    self._check_region()
-                if auth is not None and now >= next_auth_check:
-                    next_auth_check = now + AUTH_RELOAD
-                    stamp = self._auth_dir_stamp()
-                    if stamp != auth_stamp:
-                        auth_stamp = stamp
-                        self._configure_auth(auth)
-        except Exception:  # a bug, not bad input (bad input is handled in handle())
-            log.exception("collector thread failed; relay stopped")
+                try:
+                    events = dict(poller.poll(100))
+                    if sock in events:
+                        for _ in range(1024):  # bounded batch, then look at the rest
+                            try:
+                                parts = sock.recv_multipart(zmq.NOBLOCK)
+                            except zmq.Again:
+                                break
+                            self.handle(parts, self._clock())
+                    if monitor in events:
+                        self._drain_monitor(monitor)
+                    now = time.monotonic()
+                    if now >= next_region_check:
+                        next_region_check = now + REGION_CHECK
+                        self._check_region()
+                    if auth is not None and now >= next_auth_check:
+                        next_auth_check = now + AUTH_RELOAD
+                        stamp = self._auth_dir_stamp()
+                        if stamp != auth_stamp:
+                            auth_stamp = stamp
+                            self._configure_auth(auth)
+                except Exception as e:  # not bad input (handle() survives that): keep relaying
+                    self._reject("internal_error", f"collector loop: {type(e).__name__}: {e}",
+                                 exc_info=True)
+                    time.sleep(0.1)
         finally:
             sock.disable_monitor()
             monitor.close(linger=0)
@@ -638,6 +642,9 @@ class Collector:
             self._write(rank, snapshot, epoch, seq, received_ns)
         except _Rejected as r:
             self._reject(r.reason, str(r))
+            return False
+        except Exception as e:  # a bug or an OS error, not bad input: counted, logged, survived
+            self._reject("internal_error", f"{type(e).__name__}: {e}", exc_info=True)
             return False
         self.accepted += 1
         self._accepted_metric.inc()
@@ -676,7 +683,9 @@ class Collector:
             raise _Rejected("rank_out_of_range", f"dp_rank {rank} outside 0..{region_size - 1}")
         try:
             snapshot = self._decode(memoryview(frame)[FRAME_HEADER.size:])
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+            # msgspec raises UnicodeDecodeError (not DecodeError) for an enum string that is
+            # not UTF-8: found by tests/test_fuzz.py; it must not end the collector thread.
             raise _Rejected("decode", f"dp_rank {rank}: payload is not a LoadSnapshot: {e}") from None
         if snapshot.dp_rank != rank:
             raise _Rejected("rank_mismatch", f"header dp_rank {rank}, payload dp_rank {snapshot.dp_rank}")
@@ -779,14 +788,14 @@ class Collector:
         self._pubs.clear()
         self._region_identity = None
 
-    def _reject(self, reason: str, detail: str) -> None:
+    def _reject(self, reason: str, detail: str, exc_info: bool = False) -> None:
         self.rejected[reason] += 1
         self._rejected_children[reason].inc()
         now = time.monotonic()
         if now - self._last_log.get(reason, -math.inf) >= LOG_EVERY:
             suppressed = self._suppressed.pop(reason, 0)
             more = f" (+{suppressed} more since the last line)" if suppressed else ""
-            log.warning("relay rejected a frame [%s]: %s%s", reason, detail, more)
+            log.warning("relay rejected a frame [%s]: %s%s", reason, detail, more, exc_info=exc_info)
             self._last_log[reason] = now
         else:
             self._suppressed[reason] = self._suppressed.get(reason, 0) + 1

@@ -465,3 +465,30 @@ def test_collector_counts_and_rate_limits_its_log(shm_path, caplog):
     lines = [r for r in caplog.records if "[short]" in r.getMessage()]
     assert len(lines) == 1
     assert FRAME_HEADER.size == 36
+
+
+def test_random_input_never_raises_and_never_reaches_the_region(shm_path):
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    c = Collector(settings_for(shm_path), CollectorRegistry())
+    enc = msgspec.msgpack.encode
+    valid_header = encode_frame(b"", dp_rank=1, dp_size=DP, epoch=5, seq=1)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(
+        st.lists(st.binary(max_size=300), min_size=1, max_size=3),  # anything at all
+        st.binary(max_size=400).map(lambda b: [valid_header + b]),  # a good header, junk payload
+        st.lists(st.one_of(st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=5),
+                           st.none(), st.binary(max_size=5)), max_size=25)
+        .map(lambda fields: [valid_header + enc([1, *fields])]),  # array-shaped, wrong types
+    ))
+    def feed(parts: list[bytes]) -> None:
+        c.handle(parts, time.time_ns())
+
+    feed()
+    assert c.rejected["internal_error"] == 0
+    # whatever was accepted is a valid rank-1 snapshot; nothing else was written
+    for rank in (0, 2, 3):
+        assert reader_value(shm_path, rank) is None
+    if c.accepted:
+        assert reader_value(shm_path, 1).dp_rank == 1
