@@ -63,6 +63,7 @@ class Proc:
     proc: subprocess.Popen[bytes]
     log_path: Path
     _log_file: Any = field(default=None, repr=False)
+    _ready: tuple[str, Any] = field(default=("/health", None), repr=False)  # path, check(response)
 
     @property
     def pid(self) -> int:
@@ -146,7 +147,13 @@ class Fleet:
         self.procs.append(p)
         return p
 
-    def _wait(self, p: Proc, path: str, timeout: float, ready: Any = None) -> None:
+    def wait(self, *procs: Proc, timeout: float = 30.0) -> None:
+        """Return once every process answers its readiness check (see engine(wait=False))."""
+        for p in procs:
+            self._wait(p, timeout)
+
+    def _wait(self, p: Proc, timeout: float) -> None:
+        path, ready = p._ready
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=1.0) as client:
             while True:
@@ -169,8 +176,11 @@ class Fleet:
                step_ms: float | None = None, batch_knee: float | None = None,
                stale_after: float | None = None, model: str | None = None,
                shm: str | os.PathLike[str] | None = None, args: Sequence[str] = (),
-               timeout: float = 30.0) -> EngineProc:
-        """`loadsvc engine` on free ports, returned once /health answers."""
+               timeout: float = 30.0, wait: bool = True) -> EngineProc:
+        """`loadsvc engine` on free ports, returned once /health answers.
+
+        wait=False returns at once: start several, then ``fleet.wait(*engines)``.
+        """
         http_port, grpc_port = free_port(), free_port()
         while grpc_port == http_port:
             grpc_port = free_port()
@@ -186,7 +196,8 @@ class Fleet:
         cmd += list(args)
         n = sum(isinstance(p, EngineProc) for p in self.procs)
         p = self._spawn(EngineProc, f"engine{n}", cmd, f"http://{HOST}:{http_port}", grpc_port=grpc_port)
-        self._wait(p, "/health", timeout)
+        if wait:
+            self._wait(p, timeout)
         return p
 
     def router(self, engines: Sequence[EngineProc], *, policy: str = "p2c", seed: int | None = None,
@@ -200,12 +211,12 @@ class Fleet:
         if seed is not None:
             cmd += ["--seed", str(seed)]
         cmd += list(args)
-        p = self._spawn(Proc, f"router-{policy}", cmd, f"http://{HOST}:{port}")
-
         def all_watched(r: httpx.Response) -> bool:
             return policy != "p2c" or all(w["connected"] and w["ranks"] for w in r.json()["workers"])
 
-        self._wait(p, "/router/workers", timeout, all_watched)
+        p = self._spawn(Proc, f"router-{policy}", cmd, f"http://{HOST}:{port}",
+                        _ready=("/router/workers", all_watched))
+        self._wait(p, timeout)
         return p
 
     def smg(self, engines: Sequence[EngineProc], *, policy: str = "power_of_two",
@@ -218,12 +229,11 @@ class Fleet:
         cmd = [sys.executable, "-m", "smg", "launch", "--host", HOST, "--port", str(port),
                "--policy", policy, "--load-monitor-interval", f"{load_monitor_interval:g}",
                "--prometheus-host", HOST, "--prometheus-port", str(free_port()),
-               "--log-level", "warn", "--worker-urls", *[e.url for e in engines], *args]
-        p = self._spawn(Proc, f"smg-{policy}", cmd, f"http://{HOST}:{port}")
-
+               "--log-level", "warn", "--shutdown-grace-period-secs", "1", "--worker-urls", *[e.url for e in engines], *args]
         def all_healthy(r: httpx.Response) -> bool:
             workers = r.json().get("workers", [])
             return sum(bool(w.get("is_healthy")) for w in workers) == len(engines)
 
-        self._wait(p, "/workers", timeout, all_healthy)
+        p = self._spawn(Proc, f"smg-{policy}", cmd, f"http://{HOST}:{port}", _ready=("/workers", all_healthy))
+        self._wait(p, timeout)
         return p
