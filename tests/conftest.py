@@ -83,6 +83,15 @@ class ServeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        """The log once it contains text (lines may follow the ports by a moment)."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the log of loadsvc serve within {timeout} s:\n{log}")
+            time.sleep(0.02)
+        return log
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, wait up to timeout; returns the exit code (kills and fails past the timeout)."""
         if self.proc.poll() is None:

@@ -67,7 +67,7 @@ def channel_to() -> Iterator[Any]:
 
 def test_serve_surfaces_and_sigterm(shm_path: Path, serve_process: Any, channel_to: Any) -> None:
     server = serve_process(shm_path, dp_size=4)
-    log = server.log()
+    log = server.wait_for_log("REST listening")
     assert f"gRPC listening on 127.0.0.1:{server.grpc_port}" in log
     assert f"REST listening on http://127.0.0.1:{server.http_port}/v1/loads" in log
     with ShmPublisher(shm_path, dp_size=4, dp_rank=2) as pub:
@@ -115,7 +115,7 @@ def test_serve_surfaces_and_sigterm(shm_path: Path, serve_process: Any, channel_
         assert server.proc.wait(10) == 0
         assert time.monotonic() - t0 < 5
     assert port_is_free(server.grpc_port) and port_is_free(server.http_port)
-    assert "stopped" in server.log()
+    server.wait_for_log("stopped")
 
 
 def test_serve_waits_for_region_then_serves(shm_path: Path, serve_process: Any, channel_to: Any) -> None:
@@ -173,7 +173,7 @@ def test_serve_port_in_use_fails_with_a_message(shm_path: Path) -> None:
 
 def test_serve_warns_without_tls_or_key_beyond_loopback(shm_path: Path, serve_process: Any) -> None:
     server = serve_process(shm_path, dp_size=1, args=["--host", "0.0.0.0"])
-    assert "without TLS or an API key" in server.log()
+    server.wait_for_log("without TLS or an API key")
     assert server.stop() == 0
 
 
@@ -229,7 +229,7 @@ def test_serve_mutual_tls(shm_path: Path, serve_process: Any, mtls_files: dict[s
     server = serve_process(shm_path, dp_size=1, args=[
         "--tls-cert", str(f["server.pem"]), "--tls-key", str(f["server.key"]),
         "--tls-client-ca", str(f["ca.pem"])])
-    assert f"REST listening on https://127.0.0.1:{server.http_port}" in server.log()
+    server.wait_for_log(f"REST listening on https://127.0.0.1:{server.http_port}")
     ca = f["ca.pem"].read_bytes()
     with_cert = grpc.ssl_channel_credentials(ca, f["client.key"].read_bytes(), f["client.pem"].read_bytes())
     with grpc.secure_channel(server.grpc_target, with_cert) as ch:
