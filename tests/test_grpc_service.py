@@ -325,7 +325,7 @@ async def test_watch_heartbeat_when_nothing_changes(make_env: Any) -> None:
         stamps.append(time.monotonic())
         assert [load.seq for load in msg.loads] == [1, 1]  # nothing published: same state
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    assert all(0.1 < gap < 0.6 for gap in gaps), gaps
+    assert all(0.1 < gap < 1.0 for gap in gaps), gaps  # ~0.2 s; loose: a busy machine delays reads
     it.cancel()
 
 
@@ -349,7 +349,7 @@ async def test_watch_min_interval_limits_rate_and_ends_on_latest(make_env: Any) 
     reader.cancel()
     times = [t for t, _ in received]
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert all(gap >= 0.27 for gap in gaps), gaps
+    assert all(gap >= 0.2 for gap in gaps), gaps  # the server spaces them >= 0.3 s; reads may jitter
     assert 3 <= len(received) <= 7, received  # ~1.2 s / 0.3 s, not 25
     assert [seq for _, seq in received] == sorted(seq for _, seq in received)
 
