@@ -7,12 +7,20 @@
                                                                      one publish period
 
 A target is one rank of one engine. ``p2c`` (power of two choices): draw two
-distinct eligible targets at random; the lower score wins, ties go to the lower
-token_usage, then to the first drawn. The score is the rank's running plus
-waiting requests as last published, plus the requests this router sent to that
-rank which the message cannot include yet (sent after its publish time, less
-SLACK_NS for the request still in transit): a burst between two publishes does
-not all land on the same rank. When an engine has more than one rank the router
+distinct eligible targets at random; the lower score wins (ties: the first
+drawn). The score estimates how long the rank takes to drain its queue plus the
+new request:
+
+    score = (running + waiting + sent_since_publish + 1) / rate
+
+running and waiting are the rank's counts in its latest WatchLoads message;
+sent_since_publish counts the requests this router sent there that the message
+cannot include yet (sent after its publish time, less SLACK_NS for a request
+still in transit), so a burst between two publishes does not all land on one
+rank. rate is the rank's decode rate per running request, gen_throughput /
+num_running_reqs, smoothed over messages (RATE_ALPHA); a rank that has not run
+anything yet gets the mean rate of the others. Dividing by it is what tells a
+slow rank from a fast one when both hold the same number of requests. When an engine has more than one rank the router
 names the rank in the JSON body (``data_parallel_rank``), as SGLang's DP-aware
 router does; with one rank the body is forwarded untouched.
 
@@ -58,6 +66,7 @@ POLICIES = ("p2c", "round_robin")
 WATCH_METHOD = "/loadsvc.v1.LoadService/WatchLoads"
 HEARTBEAT_MS = 250  # WatchLoads heartbeat asked of each engine (stale detection needs it)
 SLACK_NS = 2_000_000  # a request sent this long before a publish may not be in it yet
+RATE_ALPHA = 0.1  # weight of a new message in a rank's smoothed per-request decode rate
 DOWN_S = 1.0  # an engine that refused a connection is skipped this long
 LAG_SAMPLES = 4096
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade",
@@ -78,7 +87,7 @@ class _Target:
     """One rank of one engine, as the router sees it."""
 
     __slots__ = ("worker", "rank", "running", "waiting", "token_usage", "healthy", "publish_ns",
-                 "sent_after", "sent", "inflight")
+                 "rate", "sent_after", "sent", "inflight")
 
     def __init__(self, worker: _Worker, rank: int) -> None:
         self.worker = worker
@@ -88,12 +97,16 @@ class _Target:
         self.token_usage = 0.0
         self.healthy = False
         self.publish_ns = 0
+        self.rate = 0.0  # tokens/s per running request, smoothed; 0 until the rank has run something
         self.sent_after: collections.deque[int] = collections.deque()  # send times (ns) not yet in a publish
         self.sent = 0
         self.inflight = 0
 
-    def score(self) -> int:
+    def queued(self) -> int:
         return self.running + self.waiting + len(self.sent_after)
+
+    def score(self, default_rate: float) -> float:
+        return (self.queued() + 1) / (self.rate or default_rate)
 
     def update(self, snap: Any) -> None:
         self.running = snap.num_running_reqs
@@ -101,6 +114,9 @@ class _Target:
         self.token_usage = snap.token_usage
         self.healthy = snap.status == _HEALTHY
         self.publish_ns = snap.publish_time_ns
+        if snap.num_running_reqs > 0 and snap.gen_throughput > 0:
+            rate = snap.gen_throughput / snap.num_running_reqs
+            self.rate = rate if not self.rate else self.rate + RATE_ALPHA * (rate - self.rate)
         horizon = snap.publish_time_ns - SLACK_NS
         q = self.sent_after
         while q and q[0] <= horizon:
@@ -235,7 +251,11 @@ class Router:
             targets = self._eligible(now)
             if len(targets) >= 2:
                 a, b = self._rng.sample(targets, 2)
-                if (b.score(), b.token_usage) < (a.score(), a.token_usage):
+                default = 1.0
+                if not (a.rate and b.rate):
+                    known = [t.rate for t in targets if t.rate]
+                    default = sum(known) / len(known) if known else 1.0
+                if b.score(default) < a.score(default):
                     a = b
                 return a.worker, a
             if targets:
@@ -355,7 +375,8 @@ class Router:
                 "inflight": w.inflight,
                 "ranks": [{"dp_rank": t.rank, "running": t.running, "waiting": t.waiting,
                            "token_usage": t.token_usage, "healthy": t.healthy,
-                           "sent_since_publish": len(t.sent_after), "score": t.score(), "sent": t.sent,
+                           "rate": round(t.rate, 3), "sent_since_publish": len(t.sent_after),
+                           "queued": t.queued(), "sent": t.sent,
                            "inflight": t.inflight} for t in w.targets],
             } for w in self.workers],
         }

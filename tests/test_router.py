@@ -1,0 +1,134 @@
+"""loadsvc/router.py: the reference router as a real process in front of real toy engines."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from loadsvc.fleet import EngineProc, Fleet
+from loadsvc.router import parse_worker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def fleet() -> Iterator[Fleet]:
+    with Fleet() as f:
+        yield f
+
+
+async def drive(url: str, n: int, concurrency: int, max_new: int = 32,
+                extra: dict[str, Any] | None = None) -> list[int]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=30) as client:
+        async def one(i: int) -> int:
+            async with sem:
+                r = await client.post(url + "/generate", json={
+                    "text": f"request {i}", "sampling_params": {"max_new_tokens": max_new}, **(extra or {})})
+                return r.status_code
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def per_rank(engine: EngineProc) -> list[int]:
+    return [r["completed"] for r in engine.server_info()["loadsvc_engine"]["ranks"]]
+
+
+def state(router_url: str) -> dict[str, Any]:
+    return httpx.get(router_url + "/router/workers", timeout=5).json()
+
+
+def test_parse_worker() -> None:
+    w = parse_worker("http://127.0.0.1:30000/=127.0.0.1:30001")
+    assert (w.url, w.grpc) == ("http://127.0.0.1:30000", "127.0.0.1:30001")
+    for bad in ("127.0.0.1:30000=127.0.0.1:30001", "http://127.0.0.1:30000", "http://h:1=nohost"):
+        with pytest.raises(ValueError, match="HTTP URL"):
+            parse_worker(bad)
+
+
+def test_p2c_sends_most_requests_to_the_fast_engine(fleet: Fleet) -> None:
+    fast = fleet.engine(speeds=(1.0,), wait=False)
+    slow = fleet.engine(speeds=(0.25,), wait=False)
+    fleet.wait(fast, slow)
+    router = fleet.router([fast, slow], policy="p2c", seed=7)
+    assert asyncio.run(drive(router.url, 80, 4)) == [200] * 80
+    n_fast, n_slow = fast.completed(), slow.completed()
+    assert n_fast + n_slow == 80 and n_fast >= 0.7 * 80, (n_fast, n_slow)
+    st = state(router.url)
+    assert [w["sent"] for w in st["workers"]] == [n_fast, n_slow]
+    assert st["fallbacks"] == 0
+    lag = st["view_lag_ms"]
+    assert lag["samples"] > 50 and lag["p50"] < 50, lag  # a fresh view: pushed within a publish period
+
+
+def test_p2c_picks_the_rank_of_a_multi_rank_engine(fleet: Fleet) -> None:
+    engine = fleet.engine(dp_size=2, speeds=(1.0, 0.25))
+    router = fleet.router([engine], policy="p2c", seed=1)
+    assert asyncio.run(drive(router.url, 60, 4)) == [200] * 60
+    fast, slow = per_rank(engine)
+    assert fast + slow == 60 and fast >= 0.7 * 60, (fast, slow)
+    ranks = state(router.url)["workers"][0]["ranks"]
+    assert [r["sent"] for r in ranks] == [fast, slow]
+    # a rank the client names is left alone
+    assert asyncio.run(drive(router.url, 5, 2, max_new=1, extra={"data_parallel_rank": 1})) == [200] * 5
+    assert per_rank(engine)[1] == slow + 5
+
+
+def test_p2c_skips_an_engine_whose_loads_are_stale(fleet: Fleet) -> None:
+    a = fleet.engine(stale_after=0.5, wait=False)
+    b = fleet.engine(stale_after=0.5, wait=False)
+    fleet.wait(a, b)
+    router = fleet.router([a, b], policy="p2c")
+    b.send_signal(signal.SIGUSR1)  # b keeps serving but stops publishing: loadsvc marks it stale
+    deadline = time.monotonic() + 5
+    while state(router.url)["workers"][1]["ranks"][0]["healthy"]:
+        assert time.monotonic() < deadline, "the router never saw b's rank turn stale"
+        time.sleep(0.05)
+    before = b.completed()
+    assert asyncio.run(drive(router.url, 20, 4, max_new=2)) == [200] * 20
+    assert b.completed() == before
+    b.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + 5
+    while not state(router.url)["workers"][1]["ranks"][0]["healthy"]:
+        assert time.monotonic() < deadline, "the router never saw b healthy again"
+        time.sleep(0.05)
+
+
+def test_engine_gone_requests_still_served(fleet: Fleet) -> None:
+    a = fleet.engine(wait=False)
+    b = fleet.engine(wait=False)
+    fleet.wait(a, b)
+    router = fleet.router([a, b], policy="p2c")
+    b.stop()
+    assert asyncio.run(drive(router.url, 20, 4, max_new=2)) == [200] * 20
+    assert httpx.get(router.url + "/health").status_code == 200
+    a.stop()
+    deadline = time.monotonic() + 5
+    while httpx.get(router.url + "/health").status_code != 503:
+        assert time.monotonic() < deadline, "the router still called itself healthy with no engine"
+        time.sleep(0.05)
+    r = httpx.post(router.url + "/generate", json={"text": "x"}, timeout=10)
+    assert r.status_code == 502 and "unreachable" in r.json()["error"]["message"]
+
+
+def test_round_robin_alternates_and_streams_through(fleet: Fleet) -> None:
+    a = fleet.engine(wait=False)
+    b = fleet.engine(wait=False)
+    fleet.wait(a, b)
+    router = fleet.router([a, b], policy="round_robin")
+    with httpx.Client(base_url=router.url, timeout=30) as c:
+        for _ in range(6):
+            assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+        assert (a.completed(), b.completed()) == (3, 3)
+        with c.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 20, "stream": True}) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and len(lines) >= 3
+        assert c.get("/v1/models").json()["data"][0]["id"] == "loadsvc-toy"
+        bad = c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": -1}})
+        assert bad.status_code == 400  # the engine's answer, passed through
