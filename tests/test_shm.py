@@ -138,11 +138,17 @@ class Raw:
     def set_seq(self, rank: int, n: int) -> None:
         self.q[self.seq_off // 8 + rank] = n
 
-    def write(self, rank: int, n: int, payload: bytes, *, state: int | None = None,
+    def write(self, rank: int, n: int, payload: Any, *, state: int | None = None,
               t: int | None = None, crc: int | None = None, length: int | None = None) -> None:
-        """Write publish n of rank the way the publisher does, unless told otherwise."""
+        """Write publish n of rank the way the publisher does, unless told otherwise.
+
+        payload: a snapshot (encoded with seq n and the publish time, as the
+        publisher does) or raw bytes.
+        """
         base = self.buffer(rank, n)
         t = time.time_ns() if t is None else t
+        if not isinstance(payload, bytes):
+            payload = msgspec.msgpack.encode(msgspec.structs.replace(payload, seq=n, publish_time_ns=t))
         if crc is None:
             crc = zlib.crc32(payload, (n * shm._CRC_MUL ^ t) & 0xFFFFFFFF)
         w = base // 8
@@ -194,6 +200,22 @@ def test_publish_read_read_all(region: Path) -> None:
     assert reader._region is None  # closed by the with block; closing again is harmless
     reader.close()
     p0.close()
+
+
+def test_publish_leaves_the_callers_snapshot_alone(region: Path) -> None:
+    with ShmPublisher(region, dp_size=1, dp_rank=0) as pub, ShmReader(region) as reader:
+        snap = checkable(0, 1)
+        snap.seq, snap.publish_time_ns = 77, 88
+        before = msgspec.structs.replace(snap)
+        assert pub.publish(snap, publish_time_ns=1_700_000_000_000_000_000) == 1
+        assert snap == before  # the reader, not the publisher, fills in seq and time
+        got = reader.read(0)
+        assert got is not snap and (got.seq, got.publish_time_ns) == (1, 1_700_000_000_000_000_000)
+        too_big = checkable(0, 2)
+        too_big.disaggregation = DisaggregationMetrics(mode="x" * 5000)
+        with pytest.raises(ValueError):
+            pub.publish(too_big)
+        assert (too_big.seq, too_big.publish_time_ns) == (0, 0)
 
 
 def test_a_second_reader_and_a_reopened_publisher_continue(region: Path) -> None:
@@ -503,14 +525,13 @@ def test_writer_paused_mid_write_does_not_stop_readers(region: Path) -> None:
 
 
 def test_corrupt_buffers_are_never_returned(region: Path) -> None:
-    encode = msgspec.msgpack.encode
     with ShmPublisher(region, dp_size=2, dp_rank=0) as pub, ShmReader(region) as reader:
         pub.publish(checkable(0, 1))
         assert reader.read(0).seq == 1
         raw = Raw(region)
         try:
             # 1. A publish 2 whose checksum does not match its bytes.
-            raw.write(0, 2, encode(checkable(0, 2)), crc=12345)
+            raw.write(0, 2, checkable(0, 2), crc=12345)
             raw.set_seq(0, 2)
             got = reader.read(0)
             assert got.seq == 1 and violation(got, 0) is None  # the last good one
@@ -526,15 +547,15 @@ def test_corrupt_buffers_are_never_returned(region: Path) -> None:
             raw.write(0, 2, b"\xc1\xc1\xc1 not msgpack")
             assert reader.read(0).seq == 1 and reader.corrupt == 1
             # 3. A valid snapshot of another rank in rank 0's slot.
-            raw.write(0, 2, encode(checkable(1, 2)))
+            raw.write(0, 2, checkable(1, 2))
             assert reader.read(0).seq == 1 and reader.corrupt == 2
             # 4. A length beyond the slot's capacity.
-            raw.write(0, 2, encode(checkable(0, 2)), length=raw.capacity + 1)
+            raw.write(0, 2, checkable(0, 2), length=raw.capacity + 1)
             before = reader.unavailable
             assert reader.read(0).seq == 1 and reader.unavailable == before + 1
             # 5. The payload of publish 2 filed as publish 4 (same buffer, stale bytes):
             #    the checksum is seeded with the sequence, so it cannot pass for 4.
-            raw.write(0, 2, encode(checkable(0, 2)))
+            raw.write(0, 2, checkable(0, 2))
             good = raw.mm[raw.buffer(0, 2):raw.buffer(0, 2) + raw.slot_size // 2]
             raw.q[raw.buffer(0, 4) // 8] = 8  # state says "publish 4 complete"
             raw.set_seq(0, 4)
