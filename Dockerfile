@@ -11,9 +11,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proto ./proto
 COPY loadsvc ./loadsvc
+# /keys: a fresh named volume mounted there takes this owner and mode
 RUN pip install . \
     && useradd --system --uid 10001 --home-dir /app loadsvc \
-    # a fresh named volume mounted at /keys takes this owner and mode
     && mkdir -p /keys && chown loadsvc:loadsvc /keys && chmod 0700 /keys
 COPY examples ./examples
 
