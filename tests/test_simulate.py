@@ -236,3 +236,32 @@ def test_rank_already_published_is_a_clear_error(region):
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=5)
+
+
+def test_publishes_through_the_zmq_relay(region):
+    from conftest import free_port, start_serve
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server = start_serve(region, dp_size=4, args=["--collect", endpoint])
+    proc = simulate("--zmq", endpoint, "--dp-size", "4", "--ranks", "2-3", "--rate", "20")
+    try:
+        reader = wait_published(region, [2, 3], timeout=20)
+        before = reader.sequences()
+        time.sleep(0.5)
+        after = reader.sequences()
+        assert after[0] == after[1] == 0
+        assert after[2] > before[2] and after[3] > before[3]
+        snaps = reader.read_all()
+        assert [s.dp_rank for s in snaps] == [2, 3]
+        for s in snaps:
+            check_invariants(s)
+            check_sections(s)
+        reader.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=5)
+        assert proc.returncode == 0, err
+        assert f"into collector {endpoint}" in err
+    finally:
+        proc.kill()
+        proc.wait()
+        server.close()
