@@ -21,6 +21,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import platform
+import queue
 import signal
 import socket
 import subprocess
@@ -291,14 +292,15 @@ def machine() -> str:
 
 def _unary_phase(ctx: Any, target: str, seconds: float, cpu_pid: int | None) -> dict[str, Any]:
     """CALLERS closed-loop callers over CALLER_PROCS processes against target; merged figures."""
-    queue = ctx.Queue()
+    results_q = ctx.Queue()
     share = [CALLERS // CALLER_PROCS + (1 if i < CALLERS % CALLER_PROCS else 0) for i in range(CALLER_PROCS)]
     cpu0 = _cpu_seconds(cpu_pid) if cpu_pid else 0.0
-    procs = [ctx.Process(target=_unary_client, args=(target, n, seconds, queue), daemon=True) for n in share]
+    procs = [ctx.Process(target=_unary_client, args=(target, n, seconds, results_q), daemon=True)
+             for n in share]
     for p in procs:
         p.start()
     try:
-        results = [queue.get(timeout=seconds + 120) for _ in procs]
+        results = [results_q.get(timeout=seconds + 120) for _ in procs]
     finally:
         for p in procs:
             p.join(10)
@@ -389,6 +391,11 @@ def run(args: argparse.Namespace) -> int:
         watch = [watch_q.get(timeout=SETTLE + 60) for _ in watchers]
         for p in watchers:
             p.join(10)
+    except (RuntimeError, AssertionError, queue.Empty) as e:
+        console.print(f"[red]loadsvc bench grpc failed:[/red] {e or 'a step timed out'}")
+        log.seek(0)
+        console.print(log.read().decode(errors="replace")[-3000:], markup=False)
+        return 1
     finally:
         if server is not None:
             server.send_signal(signal.SIGTERM)
