@@ -9,6 +9,7 @@ within a test.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -121,6 +122,31 @@ def loadsvc(*args: str, timeout: float = 20, env: dict[str, str] | None = None) 
                           timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`loadsvc ARGS` in this process (cli.main, real gRPC to the real server): faster than a
+    subprocess for the many small cases; the subprocess tests above cover the real process."""
+    from loadsvc.cli import main
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        monkeypatch.setenv("COLUMNS", "200")
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        try:
+            code = main(list(args))
+        finally:  # main() configures logging for the process; leave the test session's alone
+            root.handlers[:], root.level = handlers, level
+        out, err = capsys.readouterr()
+        for name in env or {}:
+            monkeypatch.delenv(name)
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
+
+
 def rows(text: str) -> dict[str, list[str]]:
     """Table rows of rich output keyed by rank: the cells between the box-drawing bars."""
     out = {}
@@ -184,13 +210,13 @@ def test_get_json_matches_the_published_values(deployment):
     assert body["aggregate"]["total_running_reqs"] == running
 
 
-def test_get_one_rank_core_only(deployment):
-    result = loadsvc("get", "--grpc", deployment.target, "--json", "--dp-rank", "3", "--include", "core")
+def test_get_one_rank_core_only(deployment, cli):
+    result = cli("get", "--grpc", deployment.target, "--json", "--dp-rank", "3", "--include", "core")
     assert result.returncode == 0, result.stderr
     (load,) = json.loads(result.stdout)["loads"]
     assert load["dp_rank"] == 3 and load["num_running_reqs"] == 17
     assert "memory" not in load and "queues" not in load
-    table = rows(loadsvc("get", "--grpc", deployment.target, "--dp-rank", "3").stdout)
+    table = rows(cli("get", "--grpc", deployment.target, "--dp-rank", "3").stdout)
     assert list(table) == ["3"]  # the one rank, no unpublished rows
 
 
@@ -218,8 +244,8 @@ def test_stale_rank_is_coloured_yellow(deployment):
     (["--dp-rank", "9"], "dp_rank"),
     (["--dp-rank", "-1"], "dp_rank"),
 ])
-def test_get_invalid_argument_exit_2(deployment, args, field):
-    result = loadsvc("get", "--grpc", deployment.target, *args)
+def test_get_invalid_argument_exit_2(deployment, cli, args, field):
+    result = cli("get", "--grpc", deployment.target, *args)
     assert result.returncode == 2
     assert result.stderr.startswith("loadsvc get: invalid request: ") and field in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -265,16 +291,16 @@ def test_watch_sigint_exits_0(deployment):
     assert "Traceback" not in err
 
 
-def test_watch_server_down():
+def test_watch_server_down(cli):
     target = f"127.0.0.1:{free_port()}"
-    result = loadsvc("watch", "--grpc", target, "--count", "1")
+    result = cli("watch", "--grpc", target, "--count", "1")
     assert result.returncode == 1
     assert result.stderr.startswith(f"loadsvc watch: cannot reach loadsvc at {target}")
     assert "Traceback" not in result.stderr
 
 
-def test_watch_bad_interval(deployment):
-    result = loadsvc("watch", "--grpc", deployment.target, "--max-interval-ms", "-5")
+def test_watch_bad_interval(deployment, cli):
+    result = cli("watch", "--grpc", deployment.target, "--max-interval-ms", "-5")
     assert result.returncode == 2
     assert "--max-interval-ms" in result.stderr and "Traceback" not in result.stderr
 
@@ -292,7 +318,7 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls_and_api_key(shm_path, serve_process, tls_files):
+def test_tls_and_api_key(shm_path, serve_process, tls_files, cli):
     cert, key = tls_files
     server = serve_process(shm_path, dp_size=2, args=["--tls-cert", str(cert), "--tls-key", str(key),
                                                       "--api-key", "s3cret"])
@@ -303,15 +329,15 @@ def test_tls_and_api_key(shm_path, serve_process, tls_files):
         ok = loadsvc("get", "--grpc", target, "--tls-ca", str(cert), "--api-key", "s3cret", "--json")
         assert ok.returncode == 0, ok.stderr
         assert json.loads(ok.stdout)["loads"][0]["num_running_reqs"] == 5
-        env_key = loadsvc("get", "--grpc", target, "--tls-ca", str(cert), env={"LOADSVC_API_KEY": "s3cret"})
+        env_key = cli("get", "--grpc", target, "--tls-ca", str(cert), env={"LOADSVC_API_KEY": "s3cret"})
         assert env_key.returncode == 0, env_key.stderr
         assert rows(env_key.stdout)["1"][3] == "5/8"
-        no_key = loadsvc("get", "--grpc", target, "--tls-ca", str(cert))
+        no_key = cli("get", "--grpc", target, "--tls-ca", str(cert))
         assert no_key.returncode == 1
         assert "--api-key" in no_key.stderr and "Traceback" not in no_key.stderr
-        watch = loadsvc("watch", "--grpc", target, "--tls-ca", str(cert), "--api-key", "s3cret",
+        watch = cli("watch", "--grpc", target, "--tls-ca", str(cert), "--api-key", "s3cret",
                         "--count", "1")
         assert watch.returncode == 0, watch.stderr
         assert rows(watch.stdout)["1"][3] == "5/8"
-        missing = loadsvc("get", "--grpc", target, "--tls-ca", str(cert.with_name("nope.pem")))
+        missing = cli("get", "--grpc", target, "--tls-ca", str(cert.with_name("nope.pem")))
         assert missing.returncode == 2 and "cannot read --tls-ca" in missing.stderr
