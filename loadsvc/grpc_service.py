@@ -48,7 +48,7 @@ from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.store import BadRequest, LoadStore, Selection, View, response_proto
 
 __all__ = ["add_load_services", "LoadServices", "LOAD_SERVICE", "SGLANG_SERVICE",
-           "MAX_INTERVAL_LIMIT_MS", "DEFAULT_MAX_INTERVAL_MS"]
+           "MAX_INTERVAL_LIMIT_MS", "MIN_HEARTBEAT_MS", "DEFAULT_MAX_INTERVAL_MS"]
 
 log = logging.getLogger("loadsvc.grpc")
 
@@ -56,6 +56,7 @@ LOAD_SERVICE = pb.DESCRIPTOR.services_by_name["LoadService"].full_name  # loadsv
 SGLANG_SERVICE = "sglang.grpc.scheduler.SglangScheduler"
 DEFAULT_MAX_INTERVAL_MS = 1000  # heartbeat when the request says 0
 MAX_INTERVAL_LIMIT_MS = 3_600_000  # one hour: the largest min/max interval accepted
+MIN_HEARTBEAT_MS = 10  # the smallest max_interval_ms accepted: no stream floods at 1 kHz
 CLOSE_WAIT = 2.0  # seconds aclose() waits for streams to end with their status
 _SELECTION_CACHE_MAX = 256
 
@@ -207,6 +208,9 @@ class LoadServices:
         if hi > MAX_INTERVAL_LIMIT_MS:
             raise BadRequest("max_interval_ms", f"{hi} is out of range 0..{MAX_INTERVAL_LIMIT_MS} "
                                                 f"(0 = default {DEFAULT_MAX_INTERVAL_MS})")
+        if 0 < hi < MIN_HEARTBEAT_MS:
+            raise BadRequest("max_interval_ms", f"{hi} is below the smallest heartbeat interval, "
+                                                f"{MIN_HEARTBEAT_MS} (0 = default {DEFAULT_MAX_INTERVAL_MS})")
         if hi == 0:
             hi = max(DEFAULT_MAX_INTERVAL_MS, lo)
         elif lo > hi:
