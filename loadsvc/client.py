@@ -27,6 +27,7 @@ __all__ = ["run_get", "run_watch", "loads_table"]
 
 GET_TIMEOUT = 5.0  # seconds for GetLoads, connection included
 WIDE = 140  # columns when stdout is not a terminal (pipes, logs): never wrap the table
+REDRAW_HZ = 10  # watch: terminal redraws per second at most
 
 _STATUS_STYLE = {"healthy": "green", "stale": "yellow", "unreachable": "red"}
 _ROW_STYLE = {"stale": "yellow", "unreachable": "red"}
@@ -269,11 +270,22 @@ def run_watch(settings: ClientSettings) -> int:
 
     try:
         if console.is_terminal:
-            with Live(console=console, auto_refresh=False, transient=False) as live:
+            # Messages can come at hundreds per second (every publish of every rank); the
+            # terminal is redrawn at most REDRAW_HZ times a second with the latest one.
+            latest: list[Any] = []
+
+            def render() -> Any:
+                return table(latest[-1]) if latest else Text(f"waiting for {settings.grpc} ...")
+
+            with Live(console=console, get_renderable=render, auto_refresh=True,
+                      refresh_per_second=REDRAW_HZ, transient=False) as live:
                 for response in call:
                     received += 1
-                    live.update(table(response), refresh=True)
+                    latest[:] = [response]
+                    if received == 1:
+                        live.refresh()
                     if settings.count is not None and received >= settings.count:
+                        live.refresh()
                         return 0
         else:  # a pipe or a log: one table per message
             for response in call:
