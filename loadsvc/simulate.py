@@ -53,6 +53,7 @@ __all__ = ["EngineProfile", "EngineSimulator", "run_simulate", "sections_for"]
 log = logging.getLogger("loadsvc.simulate")
 
 SUMMARY_EVERY = 10.0  # seconds between progress lines in the log
+MAX_STEP = 1.0  # seconds one step may simulate at most
 WARMUP = 20.0  # simulated seconds run before the first publish, so ranks start busy
 KV_BYTES_PER_TOKEN = 131072  # an 8B model in bf16: 2 x 32 layers x 8 KV heads x 128 dims x 2 bytes
 
@@ -458,7 +459,7 @@ def run_simulate(settings: SimulateSettings) -> int:
     try:
         while not stop:
             now = time.monotonic()
-            dt = now - last
+            dt = min(now - last, MAX_STEP)  # after a stall (SIGSTOP, a swapped-out host), no leap
             last = now
             for sim, pub in zip(sims, pubs):
                 pub.publish(sim.step(dt))
