@@ -8,19 +8,25 @@
 
 A target is one rank of one engine. ``p2c`` (power of two choices): draw two
 distinct eligible targets at random; the lower score wins (ties: the first
-drawn). The score estimates how long the rank takes to drain its queue plus the
-new request:
+drawn). The score estimates how long the new request would take there, in
+units of one output token, for an engine that runs up to M requests as one
+batch (M = max_running_requests) and queues the rest:
 
-    score = (running + waiting + sent_since_publish + 1) / rate
+    q     = running + waiting + sent_since_publish     (requests ahead of it)
+    score = (1 + max(0, q + 1 - M) / M) / rate
 
-running and waiting are the rank's counts in its latest WatchLoads message;
-sent_since_publish counts the requests this router sent there that the message
-cannot include yet (sent after its publish time, less SLACK_NS for a request
-still in transit), so a burst between two publishes does not all land on one
-rank. rate is the rank's decode rate per running request, gen_throughput /
-num_running_reqs, smoothed over messages (RATE_ALPHA); a rank that has not run
-anything yet gets the mean rate of the others. Dividing by it is what tells a
-slow rank from a fast one when both hold the same number of requests. When an engine has more than one rank the router
+Below M the request joins the batch at once and takes 1/rate per token; above,
+it first waits for (q + 1 - M) of the batch's M slots to free up, each slot
+turning over once per request duration. running, waiting and M are the rank's
+figures in its latest WatchLoads message; sent_since_publish counts the requests
+this router sent there that the message cannot include yet (sent after its
+publish time, less SLACK_NS for a request still in transit), so a burst between
+two publishes does not all land on one rank. rate is the rank's decode rate per
+running request: gen_throughput over the mean num_running_reqs of the messages
+of the last RATE_WINDOW_S (gen_throughput is itself a recent average, so the
+two cover the same stretch); a rank that has not run anything yet gets the mean
+rate of the others. The rate is what tells a slow rank from a fast one, and it
+falls as a batch grows, which spreads requests over idle ranks. When an engine has more than one rank the router
 names the rank in the JSON body (``data_parallel_rank``), as SGLang's DP-aware
 router does; with one rank the body is forwarded untouched.
 
@@ -66,7 +72,7 @@ POLICIES = ("p2c", "round_robin")
 WATCH_METHOD = "/loadsvc.v1.LoadService/WatchLoads"
 HEARTBEAT_MS = 250  # WatchLoads heartbeat asked of each engine (stale detection needs it)
 SLACK_NS = 2_000_000  # a request sent this long before a publish may not be in it yet
-RATE_ALPHA = 0.1  # weight of a new message in a rank's smoothed per-request decode rate
+RATE_WINDOW_S = 1.0  # running counts averaged over this long, to match gen_throughput's window
 DOWN_S = 1.0  # an engine that refused a connection is skipped this long
 LAG_SAMPLES = 4096
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade",
@@ -86,18 +92,21 @@ def parse_worker(text: str) -> RouterWorker:
 class _Target:
     """One rank of one engine, as the router sees it."""
 
-    __slots__ = ("worker", "rank", "running", "waiting", "token_usage", "healthy", "publish_ns",
-                 "rate", "sent_after", "sent", "inflight")
+    __slots__ = ("worker", "rank", "running", "waiting", "max_running", "token_usage", "healthy",
+                 "publish_ns", "rate", "_history", "_history_sum", "sent_after", "sent", "inflight")
 
     def __init__(self, worker: _Worker, rank: int) -> None:
         self.worker = worker
         self.rank = rank
         self.running = 0
         self.waiting = 0
+        self.max_running = 1
         self.token_usage = 0.0
         self.healthy = False
         self.publish_ns = 0
-        self.rate = 0.0  # tokens/s per running request, smoothed; 0 until the rank has run something
+        self.rate = 0.0  # tokens/s per running request; 0 until the rank has run something
+        self._history: collections.deque[tuple[int, int]] = collections.deque()  # (publish ns, running)
+        self._history_sum = 0
         self.sent_after: collections.deque[int] = collections.deque()  # send times (ns) not yet in a publish
         self.sent = 0
         self.inflight = 0
@@ -106,17 +115,26 @@ class _Target:
         return self.running + self.waiting + len(self.sent_after)
 
     def score(self, default_rate: float) -> float:
-        return (self.queued() + 1) / (self.rate or default_rate)
+        m = self.max_running
+        return (1.0 + max(0, self.queued() + 1 - m) / m) / (self.rate or default_rate)
 
     def update(self, snap: Any) -> None:
         self.running = snap.num_running_reqs
         self.waiting = snap.num_waiting_reqs
         self.token_usage = snap.token_usage
         self.healthy = snap.status == _HEALTHY
+        self.max_running = max(1, snap.max_running_requests)
+        if snap.publish_time_ns != self.publish_ns:  # a new publish, not a heartbeat repeating one
+            h = self._history
+            h.append((snap.publish_time_ns, snap.num_running_reqs))
+            self._history_sum += snap.num_running_reqs
+            oldest = snap.publish_time_ns - int(RATE_WINDOW_S * 1e9)
+            while h[0][0] < oldest:
+                self._history_sum -= h.popleft()[1]
+            mean_running = self._history_sum / len(h)
+            if mean_running >= 0.5 and snap.gen_throughput > 0:
+                self.rate = snap.gen_throughput / mean_running
         self.publish_ns = snap.publish_time_ns
-        if snap.num_running_reqs > 0 and snap.gen_throughput > 0:
-            rate = snap.gen_throughput / snap.num_running_reqs
-            self.rate = rate if not self.rate else self.rate + RATE_ALPHA * (rate - self.rate)
         horizon = snap.publish_time_ns - SLACK_NS
         q = self.sent_after
         while q and q[0] <= horizon:
