@@ -12,8 +12,14 @@ The children run in their own process group, so a Ctrl-C reaches only the demo,
 which stops them in order (load source first, then the server). They also get
 SIGKILL from the kernel if the demo itself dies (Linux PR_SET_PDEATHSIG).
 
-``--engine`` runs the toy inference engine (loadsvc/engine.py) in place of the
-simulator when that module is installed.
+``--engine`` runs real routing instead of the bare simulator: the toy
+inference engine (loadsvc/engine.py, --dp-size ranks, the last one at half
+speed) publishes into the region, and the reference router (loadsvc/router.py)
+sits in front of it, picking a rank per request by power of two choices on the
+loads it watches over the engine's WatchLoads stream:
+
+      |-- python -m loadsvc engine --shm REGION --dp-size 4 --speeds 1,1,1,0.5
+      |-- python -m loadsvc router --worker http://ENGINE=ENGINE_GRPC   (a free port)
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ class _Demo:
     children: list[_Child] = field(default_factory=list)
     stop_signal: str = ""
     engine_port: int = 0
+    router_port: int = 0
 
     # -- signals -------------------------------------------------------------------
 
@@ -134,16 +141,21 @@ class _Demo:
         server = _Child("server", [*py, "serve", "--shm", str(self.region), "--dp-size", str(s.dp_size),
                                    "--host", s.host, "--grpc-port", str(s.grpc_port),
                                    "--http-port", str(s.http_port)])
+        extra: list[_Child] = []
         if s.engine:
-            self.engine_port = _free_port(s.host)
-            source = _Child("engine", [*py, "engine", "--dp-size", str(s.dp_size), "--shm", str(self.region),
-                                       "--host", s.host, "--port", str(self.engine_port),
-                                       "--grpc-port", str(_free_port(s.host))])
+            self.engine_port, engine_grpc = _free_port(s.host), _free_port(s.host)
+            self.router_port = _free_port(s.host)
+            speeds = ",".join("0.5" if s.dp_size > 1 and i == s.dp_size - 1 else "1" for i in range(s.dp_size))
+            source = _Child("engine", [*py, "engine", "--dp-size", str(s.dp_size), "--speeds", speeds,
+                                       "--shm", str(self.region), "--host", s.host,
+                                       "--port", str(self.engine_port), "--grpc-port", str(engine_grpc)])
+            extra = [_Child("router", [*py, "router", "--host", s.host, "--port", str(self.router_port),
+                                       "--worker", f"http://{s.host}:{self.engine_port}={s.host}:{engine_grpc}"])]
         else:
             source = _Child("simulator", [*py, "simulate", "--shm", str(self.region),
                                           "--dp-size", str(s.dp_size)])
-        # Stopped in reverse order: the load source first, then the server.
-        self.children = [server, source]
+        # Stopped in reverse order: the router and the load source first, then the server.
+        self.children = [server, source, *extra]
         for child in self.children:
             child.start()
 
@@ -173,7 +185,11 @@ class _Demo:
                 with opener.open(url, timeout=1.0) as r:
                     health = json.loads(r.read())
                 if health.get("published", 0) >= s.dp_size:
-                    return True
+                    if not s.engine:
+                        return True
+                    router = f"http://{s.host}:{self.router_port}/health"
+                    with opener.open(router, timeout=1.0):  # 200 once it watches the engine's loads
+                        return True
                 last = f"{health.get('published', 0)} of {s.dp_size} ranks published"
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}"
@@ -211,15 +227,18 @@ class _Demo:
              "SGLang GetLoads, health, reflection")
         _say(f"  REST  {rest}/v1/loads    (also /health, /metrics)")
         if s.engine:
-            _say(f"  engine HTTP  http://{s.host}:{self.engine_port}    (SGLang-like /generate)")
+            _say(f"  engine HTTP  http://{s.host}:{self.engine_port}    (SGLang-like /generate, /v1/completions)")
+            _say(f"  router HTTP  http://{s.host}:{self.router_port}    (reference P2C router over "
+                 "WatchLoads; its view: /router/workers)")
         _say()
         _say("Try, in another terminal:")
         _say(f"  curl -s '{rest}/v1/loads?include=all'")
         _say(f"  loadsvc get{grpc_flag}")
         _say(f"  loadsvc watch{grpc_flag}        # live table; Ctrl-C leaves it")
         if s.engine:
-            _say(f"  curl -s http://{s.host}:{self.engine_port}/generate "
+            _say(f"  curl -s http://{s.host}:{self.router_port}/generate "
                  "-d '{\"text\": \"hello\", \"sampling_params\": {\"max_new_tokens\": 64}}'")
+            _say(f"  curl -s http://{s.host}:{self.router_port}/router/workers")
         _say()
         _say("Ctrl-C stops the demo.")
 

@@ -73,6 +73,7 @@ WATCH_METHOD = "/loadsvc.v1.LoadService/WatchLoads"
 HEARTBEAT_MS = 250  # WatchLoads heartbeat asked of each engine (stale detection needs it)
 SLACK_NS = 2_000_000  # a request sent this long before a publish may not be in it yet
 RATE_WINDOW_S = 1.0  # running counts averaged over this long, to match gen_throughput's window
+STARTUP_GRACE_S = 5.0  # an engine that refuses WatchLoads this long after start is worth a warning
 DOWN_S = 1.0  # an engine that refused a connection is skipped this long
 LAG_SAMPLES = 4096
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade",
@@ -225,6 +226,7 @@ class Router:
     async def _watch(self, w: _Worker) -> None:
         backoff = 0.1
         request = pb.WatchLoadsRequest(include=["core"], max_interval_ms=HEARTBEAT_MS)
+        started = time.monotonic()
         while True:
             channel = grpc.aio.insecure_channel(w.spec.grpc)
             try:
@@ -242,7 +244,9 @@ class Router:
                         self._lag_ms.append((now_ns - newest) / 1e6)
                     backoff = 0.1
             except grpc.aio.AioRpcError as e:
-                if w.connected or not w.warned:  # a stream that dropped, or the first failure
+                # Warn when a stream drops, and once when an engine never answered for a while
+                # (engines starting next to the router are refused for a moment: not worth a line).
+                if w.connected or (not w.warned and time.monotonic() - started > STARTUP_GRACE_S):
                     w.warned = True
                     log.warning("WatchLoads from %s (%s) failed: %s %s; retrying", w.spec.url,
                                 w.spec.grpc, e.code().name, e.details())

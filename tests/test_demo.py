@@ -169,6 +169,28 @@ def test_engine_mode_not_available_without_the_engine(monkeypatch, capsys):
     assert "--engine" in err and "not available yet" in err
 
 
+def test_demo_engine_mode_routes_through_the_reference_router(demo_process):
+    demo = demo_process("--engine")
+    banner = demo.wait_ready()
+    region = Path(re.search(r"publishing into (\S+\.shm)", banner).group(1))
+    router = re.search(r"router HTTP  (http://\S+)", banner).group(1)
+    assert f"curl -s {router}/generate" in banner
+    assert len(demo.children()) == 3  # the server, the engine and the router
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        for _ in range(4):
+            r = http.post(f"{router}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 4}})
+            assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 4
+        view = http.get(f"{router}/router/workers").json()
+        assert view["policy"] == "p2c" and sum(w["sent"] for w in view["workers"]) == 4
+        assert [t["dp_rank"] for t in view["workers"][0]["ranks"]] == [0, 1, 2, 3]
+        loads = http.get(f"http://127.0.0.1:{demo.http_port}/v1/loads").json()["loads"]
+        assert [load["dp_rank"] for load in loads] == [0, 1, 2, 3]  # the engine's ranks, served by serve
+    demo.proc.send_signal(signal.SIGINT)
+    demo.proc.wait(15)
+    assert demo.proc.returncode == 0 and not region.exists()
+    assert "Traceback" not in demo.proc.stderr.read()
+
+
 def test_same_port_twice_is_a_usage_error(capsys):
     port = free_port()
     assert run_demo(DemoSettings(grpc_port=port, http_port=port)) == 2
