@@ -15,8 +15,8 @@ Interval: the request's ``report_interval``; unset or zero means
 DEFAULT_REPORT_INTERVAL (1 s); shorter than ``min_report_interval``
 (MIN_REPORT_INTERVAL, 100 ms, unless the server says otherwise) is raised to it.
 The first report goes out at once. Every report is computed from the store's
-current View when it is sent, never replayed: a rank that stops publishing shows
-up in the next report.
+current View when it is sent, never replayed: a rank that stops publishing is
+counted stale, then unreachable, in the reports sent from then on.
 
 Which ranks: ``ranks`` (default: every rank of the region). One report describes
 the server as a whole, the aggregate of those ranks, each counted by status:
