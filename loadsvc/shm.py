@@ -584,6 +584,18 @@ class ShmReader:
             return True
         return st.st_size < self._region.mm.size()
 
+    def mapping_intact(self) -> bool:
+        """False when the mapped file was truncated below the mapping (one fstat).
+
+        Reading a truncated mapping raises SIGBUS and kills the process, so a
+        long-running reader (the server's store) calls this before each poll;
+        the read path itself stays free of syscalls.
+        """
+        try:
+            return os.fstat(self._region.fd).st_size >= self._region.mm.size()
+        except OSError:
+            return False
+
     def close(self) -> None:
         if self._region is None:
             return
