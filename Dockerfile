@@ -1,5 +1,6 @@
 # loadsvc image for the multi-node demo (docker-compose.yml): the project installed
-# with pip from this repository, run as an unprivileged user.
+# with pip from this repository (with the smg gateway for the `gateway` service),
+# run as an unprivileged user.
 #   docker compose up --build
 FROM python:3.11-slim
 
@@ -12,7 +13,7 @@ COPY pyproject.toml README.md ./
 COPY proto ./proto
 COPY loadsvc ./loadsvc
 # /keys: a fresh named volume mounted there takes this owner and mode
-RUN pip install . \
+RUN pip install '.[gateway]' \
     && useradd --system --uid 10001 --home-dir /app loadsvc \
     && mkdir -p /keys && chown loadsvc:loadsvc /keys && chmod 0700 /keys
 COPY examples ./examples

@@ -49,13 +49,14 @@ def router_module() -> Any:
 
 def test_services_build_the_repo_image(compose):
     services = compose["services"]
-    assert set(services) == {"keys", "node0", "node1", "node2", "router"}
+    assert set(services) == {"keys", "node0", "node1", "node2", "router", "engine0", "engine1", "gateway"}
     for name, svc in services.items():
         assert svc["build"] == ".", name
         assert isinstance(svc["command"], list), f"{name}: exec-form command (no shell re-parsing)"
     text = DOCKERFILE.read_text()
     assert text.startswith("#") and "FROM python:3.11" in text
-    assert "RUN pip install ." in text, "the image installs the project with pip from the repo"
+    assert "RUN pip install '.[gateway]'" in text, \
+        "the image installs the project (with the smg gateway) with pip from the repo"
     assert "COPY examples ./examples" in text and "WORKDIR /app" in text
     assert (ROOT / ".dockerignore").exists()
 
@@ -144,3 +145,29 @@ def test_router_picks_the_less_loaded_of_two_healthy_ranks():
         assert (chosen.dp_rank, other.dp_rank) == (1, 0)  # rank 2 is stale: never a candidate
     assert router.pick_p2c(loads[2:], rng) is None
     assert "pick rank 1" in router.describe(router.pick_p2c(loads, rng), loads)
+
+
+def test_gateway_routes_over_the_engines_by_their_loads(compose):
+    """smg (power_of_two, polling /v1/loads) in front of two `loadsvc engine` services."""
+    services = compose["services"]
+    urls = []
+    speeds = []
+    for name in ("engine0", "engine1"):
+        svc = services[name]
+        args = loadsvc_args(svc["command"])
+        assert args.command == "engine" and args.host == "0.0.0.0"
+        assert {str(args.port), str(args.grpc_port)} == set(svc["expose"])
+        assert f"127.0.0.1:{args.port}/health" in " ".join(svc["healthcheck"]["test"])
+        urls.append(f"http://{name}:{args.port}")
+        speeds.append(args.speeds)
+    assert speeds[0] != speeds[1], "one engine is slower: the gateway has something to route around"
+    gateway = services["gateway"]
+    cmd = gateway["command"]
+    assert cmd[:2] == ["smg", "launch"]
+    for name in ("engine0", "engine1"):
+        assert gateway["depends_on"][name]["condition"] == "service_healthy"
+    smg = pytest.importorskip("smg.launch_router", reason="smg is in the test extra: pip install -e '.[test]'")
+    args = smg.parse_router_args(cmd[2:])
+    assert args.worker_urls == urls and args.policy == "power_of_two"
+    assert args.load_monitor_interval == 1
+    assert gateway["ports"] == [f"{args.port}:{args.port}"]
