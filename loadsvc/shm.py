@@ -582,7 +582,7 @@ class ShmReader:
             return True
         if (st.st_dev, st.st_ino) != self._identity:
             return True
-        return st.st_size < self._region.mm.size()
+        return st.st_size < len(self._region.mm)  # mmap.size() is the file's size now, not the mapping's
 
     def mapping_intact(self) -> bool:
         """False when the mapped file was truncated below the mapping (one fstat).
@@ -592,7 +592,8 @@ class ShmReader:
         the read path itself stays free of syscalls.
         """
         try:
-            return os.fstat(self._region.fd).st_size >= self._region.mm.size()
+            # len(mm), the mapped length: mmap.size() fstat()s the file, so it shrinks with it.
+            return os.fstat(self._region.fd).st_size >= len(self._region.mm)
         except OSError:
             return False
 
