@@ -218,7 +218,7 @@ def test_listens_on_loopback_by_default(region: Path, serve_process: Any) -> Non
     server = serve_process(region)
     for port in (server.grpc_port, server.http_port):
         assert _listening(port) and _listening(port) <= LOOPBACK, (port, _listening(port))
-    assert WARNING not in server.log()
+    assert WARNING not in server.wait_for_log("REST listening")
     assert server.stop() == 0
 
 
@@ -226,7 +226,7 @@ def test_warns_when_listening_beyond_loopback_unprotected(region: Path, serve_pr
     server = serve_process(region, args=["--host", "0.0.0.0"])  # the test itself only uses 127.0.0.1
     for port in (server.grpc_port, server.http_port):
         assert _listening(port) & {ANY_V4, ANY_V6}, (port, _listening(port))
-    assert "listening on 0.0.0.0 without TLS or an API key" in server.log(), server.log()
+    server.wait_for_log("listening on 0.0.0.0 without TLS or an API key")
     with grpc.insecure_channel(server.grpc_target) as ch:
         assert len(_get(ch).loads) == 2
     assert server.stop() == 0
@@ -235,7 +235,7 @@ def test_warns_when_listening_beyond_loopback_unprotected(region: Path, serve_pr
 def test_no_warning_beyond_loopback_with_a_key(region: Path, serve_process: Any) -> None:
     server = serve_process(region, args=["--host", "0.0.0.0", "--api-key", KEY])
     assert httpx.get(f"{server.http_url}/health", timeout=5).status_code == 200
-    assert WARNING not in server.log(), server.log()
+    assert WARNING not in server.wait_for_log("REST listening")
     assert server.stop() == 0
 
 
@@ -249,8 +249,8 @@ def _tls_args(certs: Certs, client_ca: bool = False) -> list[str]:
 
 def test_tls_for_grpc_and_rest(region: Path, serve_process: Any, certs: Certs) -> None:
     server = serve_process(region, args=["--host", "0.0.0.0", *_tls_args(certs)])
-    assert WARNING not in server.log()
-    assert "TLS" in server.log() and f"https://0.0.0.0:{server.http_port}" in server.log()
+    log = server.wait_for_log(f"REST listening on https://0.0.0.0:{server.http_port}")
+    assert WARNING not in log and "(TLS" in log
 
     with grpc.secure_channel(server.grpc_target, _grpc_creds(certs)) as ch:
         assert [x.num_running_reqs for x in _get(ch).loads] == [10, 11]
