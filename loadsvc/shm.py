@@ -134,6 +134,9 @@ def _layout(slot_count: int, payload_capacity: int) -> tuple[int, int, int]:
 # it to the publish it belongs to: an old payload still sitting in a buffer can
 # never pass for a newer publish. Written out inline on both hot paths.
 _CRC_MUL = 0x9E3779B1
+# What decoding a checksum-valid but malformed payload can raise (msgspec raises
+# UnicodeDecodeError, not DecodeError, for an enum string that is not UTF-8).
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
 # CRC-32 (the zlib polynomial; zlib.crc32 gives the same values). binascii's
 # implementation uses one 1 KiB table where zlib's braided one spans tens of KiB:
 # on short payloads between other work (a scheduler loop, a server) zlib's takes
@@ -503,7 +506,7 @@ class ShmReader:
                 if q[w] == state and _crc32(data, (n * _CRC_MUL ^ t) & 0xFFFFFFFF) == lc & 0xFFFFFFFF:
                     try:
                         snap = self._decode(data)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+                    except _DECODE_ERRORS:
                         snap = None
                     if snap is None or snap.dp_rank != rank:
                         self.corrupt += 1
@@ -545,7 +548,7 @@ class ShmReader:
                 if q[base >> 3] == state and crc32(data, (n * _CRC_MUL ^ t) & 0xFFFFFFFF) == lc & 0xFFFFFFFF:
                     try:
                         snap = decode(data)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+                    except _DECODE_ERRORS:
                         snap = None
                     if snap is not None and snap.dp_rank == rank:
                         snap.seq = n

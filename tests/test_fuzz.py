@@ -180,6 +180,57 @@ def test_fuzzed_slot_never_yields_a_wrong_snapshot(data: st.DataObject) -> None:
         path.unlink(missing_ok=True)
 
 
+def _forge(path: Path, rank: int, n: int, payload: bytes) -> None:
+    """Write payload as publish n of rank with a *valid* checksum: a writer that lies, or a bug."""
+    data = path.read_bytes()
+    (_, _, _, _, slot_count, slot_size, capacity, _, _) = shm_mod._HEADER.unpack_from(data, 0)
+    seq_off, slots_off, _ = shm_mod._layout(slot_count, capacity)
+    base = slots_off + rank * slot_size + (n & 1) * (slot_size // 2)
+    t = time.time_ns()
+    crc = zlib.crc32(payload, (n * shm_mod._CRC_MUL ^ t) & 0xFFFFFFFF)
+    with open(path, "r+b") as f:
+        f.seek(base)
+        f.write(shm_mod._BUFFER_HEADER.pack(2 * n, t, len(payload) << 32 | crc, 0) + payload)
+        f.seek(seq_off + 8 * rank)
+        f.write(struct.pack("<Q", n))
+
+
+_GOOD_PAYLOAD = msgspec.msgpack.encode(_snapshot(0, 9))
+
+
+@FUZZ
+@given(payload=st.binary(max_size=300) | st.builds(
+    lambda junk, at: _GOOD_PAYLOAD[:at] + junk + _GOOD_PAYLOAD[at + len(junk):],
+    st.binary(min_size=1, max_size=6), st.integers(0, len(_GOOD_PAYLOAD) - 1)))
+def test_checksum_valid_garbage_is_never_served_and_never_raises(payload: bytes) -> None:
+    """Past the checksum (forged): the payload must decode as this rank's LoadSnapshot or be dropped
+    (counted as corrupt, last good copy kept); a reader never raises for what a slot holds."""
+    path = _region_path()
+    try:
+        with ShmPublisher(path, dp_size=DP_SIZE, dp_rank=0) as pub:
+            pub.publish(_snapshot(0, 1))
+            warm = ShmReader(path)
+            good = warm.read(0)
+            _forge(path, 0, 2, payload)
+            try:
+                decoded = msgspec.msgpack.decode(payload, type=LoadSnapshot)
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+                decoded = None
+            acceptable = decoded is not None and decoded.dp_rank == 0
+            fresh = ShmReader(path)
+            with warm, fresh:
+                for reader, before in ((warm, good), (fresh, None)):
+                    for snap in (reader.read(0), *reader.read_all()):
+                        if acceptable:
+                            assert snap.seq == 2 and _same_values(snap, decoded)
+                        else:
+                            assert snap is before
+                    if not acceptable:
+                        assert reader.corrupt >= 1
+    finally:
+        path.unlink(missing_ok=True)
+
+
 # -- relay frames ----------------------------------------------------------------------------
 
 
