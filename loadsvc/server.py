@@ -167,7 +167,11 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
         if settings.collect:
             from loadsvc.relay import Collector
 
-            collector = Collector(settings, registry=registry)
+            loop = asyncio.get_running_loop()
+            # the collector thread wakes the store after writing, so a relayed
+            # rank reaches the streams without waiting for the next poll
+            collector = Collector(settings, registry=registry,
+                                  on_write=lambda: loop.call_soon_threadsafe(store.poll))
             await collector.start()
 
         uv = _uvicorn_server(create_app(store, api_key=settings.api_key, registry=registry),

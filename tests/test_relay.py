@@ -492,3 +492,26 @@ def test_random_input_never_raises_and_never_reaches_the_region(shm_path):
         assert reader_value(shm_path, rank) is None
     if c.accepted:
         assert reader_value(shm_path, 1).dp_rank == 1
+
+
+def test_on_write_is_called_after_frames_are_written(shm_path, zctx):
+    import threading
+
+    calls = []
+    event = threading.Event()
+
+    def on_write() -> None:
+        calls.append(reader_value(shm_path, 1))  # already in the region when called
+        event.set()
+
+    c = Collector(settings_for(shm_path), CollectorRegistry(), on_write=on_write)
+    with c, ZmqPublisher(c.bound_endpoint, dp_size=DP, dp_rank=1) as pub:
+        pub.publish(snap(1, running=31))
+        assert event.wait(5)
+        assert calls[0].num_running_reqs == 31
+        n = len(calls)
+        raw = RawSender(zctx, c.bound_endpoint)
+        raw.send(b"junk")  # rejected: no call
+        wait_for(lambda: c.rejected["short"] == 1, 5, "the junk frame")
+        time.sleep(0.05)
+        assert len(calls) == n
