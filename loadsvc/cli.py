@@ -66,6 +66,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    """'0.7,0.9' -> (0.7, 0.9); each in (0, 2]."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.7,0.9, got {text!r}") from None
+    if not values or not all(0 < v <= 2 for v in values):
+        raise argparse.ArgumentTypeError(f"each value must be in (0, 2], got {text!r}")
+    return values
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -259,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("relay", help="ZMQ publish to WatchLoads delivery across network namespaces")
     b.add_argument("--seconds", type=_positive_float, default=10.0)
     b = bsub.add_parser("routing", help="routing quality: round robin vs smg vs loadsvc P2C")
-    b.add_argument("--requests", type=_positive_int, default=400)
-    b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--requests", type=_positive_int, default=400, help="requests per run (default %(default)s)")
+    b.add_argument("--seed", type=int, default=1, help="seed of the trace (default %(default)s)")
+    b.add_argument("--loads", type=_fractions, default=(0.7, 0.9),
+                   help="arrival rates as fractions of the calibrated capacity (default 0.7,0.9)")
     b = bsub.add_parser("soak", help="long run: 8 ranks at 100 Hz, 200 watchers, REST load")
     b.add_argument("--minutes", type=_positive_float, default=10.0)
     return parser

@@ -65,10 +65,6 @@ class Proc:
     _log_file: Any = field(default=None, repr=False)
     _ready: tuple[str, Any] = field(default=("/health", None), repr=False)  # path, check(response)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def log(self, tail: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-tail:]

@@ -212,15 +212,6 @@ class Router:
             await self._client.aclose()
             self._client = None
 
-    async def wait_ready(self, timeout: float) -> bool:
-        """True once every engine's loads arrived (p2c) or at once (round_robin)."""
-        deadline = time.monotonic() + timeout
-        while self.settings.policy == "p2c" and not all(w.connected and w.targets for w in self.workers):
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
     # -- WatchLoads ------------------------------------------------------------------
 
     async def _watch(self, w: _Worker) -> None:

@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     console = Console(width=max(100, Console().width))
-    loads = tuple(getattr(args, "loads", None) or (0.7, 0.9))
+    loads = tuple(args.loads)
     routers = ["round robin", "smg power_of_two", "loadsvc P2C"]
     why = smg_available()
     if why:
