@@ -155,7 +155,7 @@ class _Rank:
         self.running: list[_Request] = []
         self.reserved = 0  # KV tokens reserved by running requests
         self.waiting_prompt = 0  # prompt tokens of waiting requests
-        self.waiting_uncached = 0
+        self.waiting_uncached = 0  # waiting prompt tokens the prefix cache does not hold
         self._prefix: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._last = time.monotonic()
         self._wake = asyncio.Event()
@@ -187,7 +187,8 @@ class _Rank:
         self.received += 1
         self.waiting.append(req)
         self.waiting_prompt += req.prompt
-        self.waiting_uncached += req.prompt
+        req.cached = self._cache_hit(req, record=False)  # an estimate until admission
+        self.waiting_uncached += req.prompt - req.cached
         self._wake.set()
 
     def _admit(self, now: float) -> None:
@@ -197,10 +198,10 @@ class _Rank:
                 break  # head of line waits for KV, as a FIFO scheduler does
             self.waiting.popleft()
             self.waiting_prompt -= req.prompt
-            self.waiting_uncached -= req.prompt
+            self.waiting_uncached -= req.prompt - req.cached
             if req.future.done():  # cancelled while waiting (client gone, shutdown)
                 continue
-            req.cached = self._prefix_lookup(req)
+            req.cached = self._cache_hit(req, record=True)
             req.prefill_steps = math.ceil((req.prompt - req.cached) / self.prefill_per_step)
             req.steps = req.prefill_steps + req.max_new
             req.started = now
@@ -209,12 +210,19 @@ class _Rank:
             self._prompt_admitted += req.prompt
             self._cached_admitted += req.cached
 
-    def _prefix_lookup(self, req: _Request) -> int:
-        cached = self._prefix.pop(req.key, None)
-        self._prefix[req.key] = req.prompt
-        if len(self._prefix) > PREFIX_CACHE_ENTRIES:
-            self._prefix.popitem(last=False)
-        return max(0, min(cached, req.prompt) - 1) if cached is not None else 0
+    def _cache_hit(self, req: _Request, *, record: bool) -> int:
+        """Prompt tokens of req the prefix cache holds: all but the last of a repeated prompt.
+
+        record: the request is admitted, so its prompt enters the cache (LRU).
+        """
+        if not record:
+            hit = self._prefix.get(req.key)
+        else:
+            hit = self._prefix.pop(req.key, None)
+            self._prefix[req.key] = req.prompt
+            if len(self._prefix) > PREFIX_CACHE_ENTRIES:
+                self._prefix.popitem(last=False)
+        return max(0, min(hit, req.prompt) - 1) if hit is not None else 0
 
     def _finish(self, now: float) -> None:
         keep = []

@@ -151,8 +151,8 @@ async def test_published_state_moves_with_requests_in_flight(fleet: Fleet) -> No
     engine = fleet.engine(dp_size=2, max_running_requests=2, step_ms=10, max_total_tokens=10000)
     region = Path(engine.server_info()["loadsvc_engine"]["shm"])
     async with httpx.AsyncClient() as client:
-        tasks = [asyncio.create_task(agenerate(client, engine, 100, rank=1, text="y" * 400))
-                 for _ in range(6)]
+        tasks = [asyncio.create_task(agenerate(client, engine, 100, rank=1, text=f"{i}" + "y" * 399))
+                 for i in range(6)]  # distinct prompts of 100 tokens: no prefix-cache hits
 
         def busy() -> Any:
             ls = loads(engine)
@@ -210,6 +210,19 @@ async def test_kv_budget_makes_requests_wait(fleet: Fleet) -> None:
         results = [r.json()["meta_info"] for r in await asyncio.gather(*tasks)]
     waited = sorted(m["queue_time"] for m in results)
     assert waited[2] > 0.5 * min(m["e2e_latency"] - m["queue_time"] for m in results)
+
+
+def test_repeated_prompt_hits_the_prefix_cache(fleet: Fleet) -> None:
+    engine = fleet.engine(step_ms=10)
+    prompt = "z" * 4000  # 1000 tokens: 63 prefill steps uncached, 1 cached
+    with httpx.Client() as client:
+        first = generate(engine, 1, text=prompt, client=client)["meta_info"]
+        second = generate(engine, 1, text=prompt, client=client)["meta_info"]
+    assert (first["cached_tokens"], second["cached_tokens"]) == (0, 999)
+    assert second["e2e_latency"] < first["e2e_latency"] / 4  # prefill skipped
+    rank = loads(engine)[0]
+    # 999 of the 2000 prompt tokens admitted in the last second (999 of 1000 if the first fell out)
+    assert 0.45 < rank["cache_hit_rate"] < 1.0
 
 
 def test_publisher_stops_and_resumes_independently(fleet: Fleet) -> None:
