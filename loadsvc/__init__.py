@@ -2,6 +2,7 @@
 
     from loadsvc import LoadSnapshot, ShmPublisher, ShmReader          # engines publish
     from loadsvc import open_store, loads_router, add_to_grpc_server   # engines serve loads
+    from loadsvc import ZmqPublisher                                   # engines on other nodes
 
 See README.md for the whole picture; proto/loadsvc/v1/loads.proto is the schema.
 """
@@ -28,6 +29,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # The embedding API (loadsvc/embed.py) is imported on first use: publishing
 # engines that only need ShmPublisher do not pay for importing grpc and FastAPI.
 _EMBED = ("add_orca_service", "add_to_grpc_server", "loads_router", "open_store")
+# The ZMQ relay (loadsvc/relay.py) likewise: pyzmq only for engines on other nodes.
+_RELAY = ("Collector", "ZmqPublisher")
 
 
 def __getattr__(name: str) -> object:
@@ -35,11 +38,16 @@ def __getattr__(name: str) -> object:
         from loadsvc import embed, orca
 
         return getattr(orca if name == "add_orca_service" else embed, name)
+    if name in _RELAY:
+        from loadsvc import relay
+
+        return getattr(relay, name)
     raise AttributeError(f"module 'loadsvc' has no attribute {name!r}")
 
 
 __all__ = [
     "AggregateMetrics",
+    "Collector",
     "DisaggregationMetrics",
     "LoRAMetrics",
     "LoadSnapshot",
@@ -50,6 +58,7 @@ __all__ = [
     "ShmReader",
     "SpeculativeMetrics",
     "Status",
+    "ZmqPublisher",
     "__version__",
     "add_orca_service",
     "add_to_grpc_server",
