@@ -119,6 +119,14 @@ class Fleet:
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
 
+    def stop(self, p: Proc) -> int:
+        """Stop one process of the fleet before the others; its exit code."""
+        code = p.stop()
+        self.procs.remove(p)
+        if not self._keep_logs:
+            p.log_path.unlink(missing_ok=True)
+        return code
+
     def stop_all(self) -> None:
         for p in reversed(self.procs):  # gateways and routers first, then the engines
             if p.proc.poll() is None:

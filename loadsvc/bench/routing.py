@@ -191,8 +191,7 @@ def _run_one(fleet: Fleet, engines: list[EngineProc], name: str, trace: Trace, s
         lag = httpx.get(front.url + "/router/workers", timeout=5).json()["view_lag_ms"]
         if lag:
             result.note = f"view lag p50 {lag['p50']:.1f} ms, p99 {lag['p99']:.1f} ms"
-    front.stop()
-    fleet.procs.remove(front)
+    fleet.stop(front)
     _settle(engines)
     return result
 
