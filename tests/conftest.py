@@ -5,6 +5,9 @@
     start_serve(shm, ...)              `python -m loadsvc serve` on free ports, returned once both
                                        ports accept connections (ServeProcess)
     serve_process (fixture)            a factory around start_serve that stops what it started
+    fleet (fixture)                    a loadsvc.fleet.Fleet (toy engines, routers, smg), stopped after
+    wait_for(predicate, timeout, what) poll until predicate() is truthy; return its value
+    drive(url, n, concurrency, ...)    n POST /generate through url, at most concurrency at once
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,3 +163,41 @@ def serve_process() -> Iterator[Callable[..., ServeProcess]]:
     yield start
     for server in started:
         server.close()
+
+
+@pytest.fixture
+def fleet() -> Iterator[Any]:
+    """A loadsvc.fleet.Fleet: every engine, router and gateway it started is stopped afterwards."""
+    from loadsvc.fleet import Fleet
+
+    with Fleet() as f:
+        yield f
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Call predicate until it returns something truthy (returned); AssertionError after timeout s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+async def drive(url: str, n: int, concurrency: int, max_new: int = 32,
+                extra: dict[str, Any] | None = None) -> list[int]:
+    """n `POST /generate` requests through url, at most concurrency at once; their status codes."""
+    import asyncio
+
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=30) as client:
+        async def one(i: int) -> int:
+            async with sem:
+                r = await client.post(url + "/generate", json={
+                    "text": f"request {i}", "sampling_params": {"max_new_tokens": max_new}, **(extra or {})})
+                return r.status_code
+        return await asyncio.gather(*(one(i) for i in range(n)))

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,11 @@ import pytest
 from loadsvc import ShmReader
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.engine import prompt_tokens
+from conftest import wait_for
 from loadsvc.fleet import EngineProc, Fleet
 
 pytestmark = pytest.mark.timeout(120)
 
-
-@pytest.fixture
-def fleet() -> Iterator[Fleet]:
-    with Fleet() as f:
-        yield f
 
 
 def generate(engine: EngineProc, max_new: int, *, rank: int | None = None, text: str = "hi",
@@ -64,16 +59,6 @@ def grpc_loads(engine: EngineProc) -> Any:
                                    response_deserializer=pb.GetLoadsResponse.FromString)
         return call(pb.GetLoadsRequest(), timeout=5)
 
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_generate_time_grows_with_tokens_and_shrinks_with_speed(fleet: Fleet) -> None:

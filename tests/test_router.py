@@ -5,34 +5,18 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from conftest import drive
 from loadsvc.fleet import EngineProc, Fleet
 from loadsvc.router import parse_worker
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def fleet() -> Iterator[Fleet]:
-    with Fleet() as f:
-        yield f
-
-
-async def drive(url: str, n: int, concurrency: int, max_new: int = 32,
-                extra: dict[str, Any] | None = None) -> list[int]:
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=30) as client:
-        async def one(i: int) -> int:
-            async with sem:
-                r = await client.post(url + "/generate", json={
-                    "text": f"request {i}", "sampling_params": {"max_new_tokens": max_new}, **(extra or {})})
-                return r.status_code
-        return await asyncio.gather(*(one(i) for i in range(n)))
 
 
 def per_rank(engine: EngineProc) -> list[int]:

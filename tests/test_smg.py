@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
+from conftest import drive, wait_for
 from loadsvc.fleet import EngineProc, Fleet, smg_available
 
 pytestmark = [pytest.mark.timeout(90),
@@ -28,11 +28,6 @@ pytestmark = [pytest.mark.timeout(90),
 REQUESTS = 80
 CONCURRENCY = 4
 
-
-@pytest.fixture
-def fleet() -> Iterator[Fleet]:
-    with Fleet() as f:
-        yield f
 
 
 def engine_loads(engine: EngineProc) -> dict[str, Any]:
@@ -45,26 +40,6 @@ def gateway_loads(gateway_url: str) -> dict[str, dict[str, Any]]:
     return {entry["worker"]: entry for entry in body["loads"]}
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-async def drive(url: str, n: int, concurrency: int) -> list[int]:
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=30) as client:
-        async def one(i: int) -> int:
-            async with sem:
-                r = await client.post(url + "/generate", json={
-                    "text": f"request {i}", "sampling_params": {"max_new_tokens": 32}})
-                return r.status_code
-        return await asyncio.gather(*(one(i) for i in range(n)))
 
 
 def test_smg_power_of_two_routes_on_loadsvc_loads(fleet: Fleet) -> None:
