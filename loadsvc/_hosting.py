@@ -1,9 +1,9 @@
 """Hosting an ASGI app inside a process that owns its event loop and its signals.
 
-    sock = bind_tcp(host, port, "the engine's HTTP")   # a port in use is a clear error, here
-    server = quiet_uvicorn(app, host, port)             # no signal handlers of its own
-    task = loop.create_task(server.serve(sockets=[sock]))
-    ...; server.should_exit = True; await task
+    run(main())                                          # uvloop when installed
+      sock = bind_tcp(host, port, "the engine's HTTP")   # a port in use is a clear error, here
+      await serve_until_signal(app, sock, host, port,    # uvicorn without signal handlers of
+                               signals={SIGUSR1: f})      # its own, until SIGTERM / SIGINT
 
 Used by `loadsvc engine` and the reference router, which run uvicorn next to
 their own tasks (schedulers, a gRPC server, WatchLoads subscriptions).
@@ -11,12 +11,14 @@ their own tasks (schedulers, a gRPC server, WatchLoads subscriptions).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
-__all__ = ["bind_tcp", "quiet_uvicorn"]
+__all__ = ["bind_tcp", "quiet_uvicorn", "serve_until_signal", "run"]
 
 
 def bind_tcp(host: str, port: int, what: str) -> socket.socket:
@@ -51,3 +53,43 @@ def quiet_uvicorn(app: Any, host: str, port: int, *, graceful: float = 2.0) -> A
                             lifespan="off", ws="none", timeout_graceful_shutdown=graceful,
                             server_header=False)
     return _Server(config)
+
+
+async def serve_until_signal(app: Any, sock: socket.socket, host: str, port: int, *,
+                             signals: Mapping[int, Callable[[], None]] | None = None,
+                             on_stop: Callable[[], None] | None = None) -> None:
+    """Serve app on sock until SIGTERM or SIGINT (or until uvicorn stops by itself).
+
+    signals: more handlers while serving (e.g. SIGUSR1). on_stop runs first when
+    stopping, e.g. to end requests in flight so that connections drain at once.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    handlers: dict[int, Callable[[], None]] = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
+                                               **(signals or {})}
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
+    http = quiet_uvicorn(app, host, port)
+    http_task = loop.create_task(http.serve(sockets=[sock]), name=f"http-{port}")
+    stop_task = loop.create_task(stop.wait())
+    try:
+        await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_task.cancel()
+        if on_stop is not None:
+            on_stop()
+        http.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await http_task
+        for sig in handlers:
+            loop.remove_signal_handler(sig)
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run main in a fresh event loop: uvloop's when installed (uvicorn[standard] brings it)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

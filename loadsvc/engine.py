@@ -71,7 +71,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loadsvc import __version__
-from loadsvc._hosting import bind_tcp, quiet_uvicorn
+from loadsvc._hosting import bind_tcp, run, serve_until_signal
 from loadsvc.embed import add_to_grpc_server, loads_router, open_store
 from loadsvc.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
 from loadsvc.settings import EngineSettings
@@ -350,9 +350,13 @@ class Engine:
         self._tasks.append(loop.create_task(self._publish_loop(), name="engine-publisher"))
         await self.store.start()
 
-    async def stop(self) -> None:
+    def end_requests(self) -> None:
+        """Every request in flight or waiting fails with EngineStopping (HTTP 503)."""
         for r in self.ranks:
             r.cancel_all()
+
+    async def stop(self) -> None:
+        self.end_requests()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -731,8 +735,15 @@ async def _serve(settings: EngineSettings) -> None:
         except RuntimeError as e:
             raise OSError(f"cannot listen for the engine's gRPC (--grpc-port) on {grpc_addr}: {e}") from e
         await grpc_server.start()
+        log.info("loadsvc engine: %d ranks (speeds %s), HTTP http://%s:%d, gRPC %s, region %s",
+                 settings.dp_size, ",".join(f"{r.speed:g}" for r in engine.ranks), settings.host,
+                 settings.http_port, grpc_addr, engine.region)
         try:
-            await _serve_http(engine, http_sock, grpc_addr)
+            # SIGUSR1 / SIGUSR2 stop and resume the publisher alone; SIGTERM / SIGINT stop it all.
+            await serve_until_signal(create_app(engine), http_sock, settings.host, settings.http_port,
+                                     signals={signal.SIGUSR1: lambda: engine.set_publishing(False),
+                                              signal.SIGUSR2: lambda: engine.set_publishing(True)},
+                                     on_stop=engine.end_requests)  # so HTTP drains at once
         finally:
             await surfaces.aclose()  # WatchLoads and ORCA streams end with a status
             await grpc_server.stop(0.5)
@@ -741,42 +752,8 @@ async def _serve(settings: EngineSettings) -> None:
         log.info("loadsvc engine stopped")
 
 
-async def _serve_http(engine: Engine, sock: Any, grpc_addr: str) -> None:
-    """Serve HTTP until SIGTERM/SIGINT; SIGUSR1/SIGUSR2 stop and resume the publisher."""
-    s = engine.settings
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, engine.set_publishing, False)
-    loop.add_signal_handler(signal.SIGUSR2, engine.set_publishing, True)
-    http = quiet_uvicorn(create_app(engine), s.host, s.http_port)
-    http_task = loop.create_task(http.serve(sockets=[sock]), name="engine-http")
-    stop_task = loop.create_task(stop.wait())
-    log.info("loadsvc engine: %d ranks (speeds %s), HTTP http://%s:%d, gRPC %s, region %s",
-             s.dp_size, ",".join(f"{r.speed:g}" for r in engine.ranks), s.host, s.http_port,
-             grpc_addr, engine.region)
-    try:
-        await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop_task.cancel()
-        for r in engine.ranks:  # requests in flight end now, so HTTP shutdown is quick
-            r.cancel_all()
-        http.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await http_task
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-            loop.remove_signal_handler(sig)
-
-
 def run_engine(settings: EngineSettings) -> int:
     """Run the engine until SIGTERM or SIGINT; 0 on a clean stop, 1 when it cannot start."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-        run = asyncio.run
-    else:
-        run = uvloop.run
     try:
         run(_serve(settings))
     except (OSError, RegionError, ValueError) as e:  # a port in use, a region in use, bad settings

@@ -52,14 +52,13 @@ import contextlib
 import json
 import logging
 import random
-import signal
 import time
 from typing import Any
 
 import grpc
 import httpx
 
-from loadsvc._hosting import bind_tcp, quiet_uvicorn
+from loadsvc._hosting import bind_tcp, run, serve_until_signal
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.settings import RouterSettings, RouterWorker
 
@@ -421,33 +420,20 @@ async def _serve(settings: RouterSettings) -> None:
     sock = bind_tcp(settings.host, settings.port, "the router's HTTP (--port)")
     router = Router(settings)
     await router.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    http = quiet_uvicorn(router, settings.host, settings.port)
-    http_task = loop.create_task(http.serve(sockets=[sock]), name="router-http")
-    stop_task = loop.create_task(stop.wait())
     log.info("loadsvc router (%s) on http://%s:%d in front of %s", settings.policy, settings.host,
              settings.port, ", ".join(w.url for w in settings.workers))
     try:
-        await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        await serve_until_signal(router, sock, settings.host, settings.port)
     finally:
-        stop_task.cancel()
-        http.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await http_task
         await router.stop()
         log.info("loadsvc router stopped")
 
 
 def run_router(settings: RouterSettings) -> int:
-    """Run the router until SIGTERM or SIGINT; 0 on a clean stop."""
+    """Run the router until SIGTERM or SIGINT; 0 on a clean stop, 1 when it cannot start."""
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-        asyncio.run(_serve(settings))
-    else:
-        uvloop.run(_serve(settings))
+        run(_serve(settings))
+    except OSError as e:  # the port in use
+        log.error("loadsvc router cannot start: %s", e)
+        return 1
     return 0
-
