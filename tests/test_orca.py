@@ -13,6 +13,7 @@ import asyncio
 import collections
 import json
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -500,7 +501,16 @@ def _node() -> str:
     if node is None:
         pytest.skip("node is not installed (the grpc-js weighted_round_robin test needs Node.js >= 18)")
     if not (JS_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.fail(f"{JS_DIR}/node_modules is missing: run .ci/run, or `npm ci --prefix tests/js`")
+        # .ci/run installs it up front; a bare `pytest` on a fresh clone installs it here,
+        # from package-lock.json, once.
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.fail(f"{JS_DIR}/node_modules is missing and npm is not installed: run "
+                        "`npm ci --prefix tests/js` where npm exists")
+        done = subprocess.run([npm, "ci", "--prefix", str(JS_DIR), "--no-audit", "--no-fund",
+                               "--loglevel=error"], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            pytest.fail(f"`npm ci --prefix tests/js` failed ({done.returncode}): {done.stderr[-2000:]}")
     return node
 
 
