@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import sys
 import time
 import uuid
 import zlib

@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from loadsvc.bench import cpu_model
 from loadsvc.shm import default_path
 
 __all__ = ["run"]
@@ -279,14 +280,7 @@ def _loadavg() -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import grpc
 
     try:

@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import platform
 import random
 import shutil
 import signal
@@ -34,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from loadsvc.bench import machine_summary
 
 RANKS = 8
 RATE_HZ = 100.0
@@ -283,17 +284,8 @@ def _wrk(wrk: str, script: Path, url: str, seconds: int, connections: int) -> di
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    return (f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}{load}")
+    return machine_summary() + load
 
 
 def run(args: argparse.Namespace) -> int:

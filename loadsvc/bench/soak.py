@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -38,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from loadsvc.bench import machine_summary
 
 __all__ = ["run", "RSS_GROWTH_BOUND_MB"]
 
@@ -341,15 +342,7 @@ def _get_loads(target: str) -> Any:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return machine_summary()
 
 
 def run(args: argparse.Namespace) -> int:
