@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from loadsvc._hosting import bind_tcp
 from loadsvc.grpc_service import add_load_services
 from loadsvc.orca import ORCA_SERVICE, add_orca_service
 from loadsvc.settings import ServeSettings
@@ -65,20 +66,9 @@ def _grpc_address(host: str, port: int) -> str:
 def _bind_http(host: str, port: int) -> socket.socket:
     """The REST listening socket, bound here so a port in use is our error, not uvicorn's exit."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise ServeError(f"cannot resolve --host {host!r}: {e.strerror}") from e
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
+        return bind_tcp(host, port, "REST")
     except OSError as e:
-        sock.close()
-        raise ServeError(f"cannot listen for REST on {host}:{port}: {e.strerror} "
-                         "(is another server running? choose another --http-port)") from e
-    sock.set_inheritable(False)
-    return sock
+        raise ServeError(f"{e} [--host / --http-port]") from e
 
 
 def _grpc_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
