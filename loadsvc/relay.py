@@ -718,6 +718,14 @@ class Collector:
         if pub is None:
             pub = self._claim(rank)
         snapshot.epoch = epoch
+        if not pub.mapping_intact():
+            # Writing into a truncated mapping would kill serve with SIGBUS.
+            log.error("region %s was truncated under the collector; reopening it on a later frame",
+                      self.path)
+            self._close_publishers()
+            self._dp_size = None
+            self._dp_size_checked = -math.inf
+            raise _Rejected("region_error", f"dp_rank {rank}: region {self.path} was truncated")
         try:
             pub.publish(snapshot, publish_time_ns=received_ns)
         except ValueError as e:

@@ -406,6 +406,18 @@ class ShmPublisher:
         self.publish(build())
         return True
 
+    def mapping_intact(self) -> bool:
+        """False when the region file was truncated below this publisher's mapping (one fstat).
+
+        Writing a truncated mapping raises SIGBUS. An engine's publish path never
+        calls this (no syscalls there); the relay's collector, which writes on
+        behalf of remote ranks inside the server, checks before each write.
+        """
+        try:
+            return os.fstat(self._region.fd).st_size >= len(self._region.mm)
+        except OSError:
+            return False
+
     def close(self) -> None:
         if self._region is None:
             return

@@ -247,6 +247,39 @@ def test_region_truncated_under_serve_and_a_reader(shm_path: Path, serve_process
     assert server.stop() == 0
 
 
+def test_region_truncated_under_serve_with_collector(shm_path: Path, serve_process: Any) -> None:
+    """The collector writes into the region inside serve: a truncation must not SIGBUS serve."""
+    from conftest import free_port
+    from loadsvc import ZmqPublisher
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server = serve_process(shm_path, dp_size=2, args=["--collect", endpoint])
+    full_size = shm_path.stat().st_size
+    with ZmqPublisher(endpoint, dp_size=2, dp_rank=1) as pub:
+        def push(k: int) -> None:
+            pub.publish(LoadSnapshot(dp_rank=1, num_running_reqs=k))
+
+        wait_for(lambda: push(1) or [s.num_running_reqs for s in get_loads(server).loads] == [1], 15,
+                 "the relayed rank on node 0")
+        os.truncate(shm_path, 100)
+        deadline = time.monotonic() + 1.5
+        k = 2
+        while time.monotonic() < deadline:  # frames keep arriving while the file is short
+            push(k)
+            k += 1
+            time.sleep(0.01)
+        assert server.proc.poll() is None, server.log()  # alive: no SIGBUS
+        assert_detached(server, "")
+        assert "truncated" in server.log()
+
+        os.truncate(shm_path, full_size)  # a valid (empty) region again: relaying resumes
+        wait_for(lambda: grpc_health(server) == SERVING, 10, "gRPC health SERVING after the file grew back")
+        wait_for(lambda: push(1000) or [s.num_running_reqs for s in get_loads(server).loads] == [1000], 15,
+                 "the relayed rank after the region came back")
+    assert server.proc.poll() is None and "Traceback" not in server.log()
+    assert server.stop() == 0
+
+
 # -- a publisher killed in the middle of a publish -------------------------------------------
 
 _MID_WRITE_CHILD = textwrap.dedent("""
