@@ -130,6 +130,9 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None,
                    help=f"bearer token for a server started with --api-key (or ${API_KEY_ENV})")
     p.add_argument("--tls-ca", type=Path, default=None, help="CA certificate to verify a TLS server")
+    p.add_argument("--tls-cert", type=Path, default=None,
+                   help="client certificate (PEM) for a server started with --tls-client-ca")
+    p.add_argument("--tls-key", type=Path, default=None, help="the client certificate's private key (PEM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,6 +329,10 @@ def _simulate_settings(args: argparse.Namespace) -> SimulateSettings:
 
 
 def _client_settings(args: argparse.Namespace) -> ClientSettings:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit(f"loadsvc {args.command}: --tls-cert and --tls-key go together")
+    if args.tls_cert is not None and args.tls_ca is None:
+        raise SystemExit(f"loadsvc {args.command}: --tls-cert needs --tls-ca (the server's CA)")
     include = tuple(t.strip() for t in args.include.split(",") if t.strip())
     return ClientSettings(
         grpc=args.grpc, dp_rank=args.dp_rank, include=include,
@@ -333,7 +340,8 @@ def _client_settings(args: argparse.Namespace) -> ClientSettings:
         max_interval_ms=getattr(args, "max_interval_ms", 1000),
         json=getattr(args, "json", False),
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        tls_ca=args.tls_ca, count=getattr(args, "count", None))
+        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        count=getattr(args, "count", None))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,11 +132,17 @@ def loads_table(response: Any, source: str, *, note: str = "", all_ranks: bool =
 def _channel(settings: ClientSettings) -> grpc.Channel:
     if settings.tls_ca is None:
         return grpc.insecure_channel(settings.grpc)
-    try:
-        ca = settings.tls_ca.read_bytes()
-    except OSError as e:
-        raise _Usage(f"cannot read --tls-ca {settings.tls_ca}: {e.strerror}") from None
-    return grpc.secure_channel(settings.grpc, grpc.ssl_channel_credentials(root_certificates=ca))
+    files: dict[str, bytes | None] = {}
+    for flag, path in (("--tls-ca", settings.tls_ca), ("--tls-cert", settings.tls_cert),
+                       ("--tls-key", settings.tls_key)):
+        try:
+            files[flag] = path.read_bytes() if path is not None else None
+        except OSError as e:
+            raise _Usage(f"cannot read {flag} {path}: {e.strerror}") from None
+    creds = grpc.ssl_channel_credentials(root_certificates=files["--tls-ca"],
+                                         private_key=files["--tls-key"],
+                                         certificate_chain=files["--tls-cert"])
+    return grpc.secure_channel(settings.grpc, creds)
 
 
 def _metadata(settings: ClientSettings) -> tuple[tuple[str, str], ...]:

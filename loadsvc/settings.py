@@ -91,6 +91,8 @@ class ClientSettings:
     json: bool = False
     api_key: str | None = None
     tls_ca: Path | None = None
+    tls_cert: Path | None = None  # client certificate for mutual TLS
+    tls_key: Path | None = None
     count: int | None = None  # watch: stop after this many messages
 
 

@@ -280,6 +280,16 @@ def test_mutual_tls(region: Path, serve_process: Any, certs: Certs) -> None:
         with grpc.secure_channel(server.grpc_target, creds) as ch:
             assert _grpc_code(lambda: _get(ch)) == grpc.StatusCode.UNAVAILABLE
 
+    # loadsvc get with and without a client certificate
+    get = [sys.executable, "-m", "loadsvc", "get", "--json", "--grpc", server.grpc_target,
+           "--tls-ca", str(certs.ca)]
+    ok = subprocess.run([*get, "--tls-cert", str(certs.client_cert), "--tls-key", str(certs.client_key)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["loads"]) == 2
+    refused = subprocess.run(get, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+
     https = f"https://127.0.0.1:{server.http_port}"
 
     def context(cert: Path | None, key: Path | None) -> ssl.SSLContext:
