@@ -437,8 +437,11 @@ def test_writer_killed_mid_stream(region: Path) -> None:
     dp = 3
     create_region(region, dp)
     ready, results, go, stop = SPAWN.Queue(), SPAWN.Queue(), SPAWN.Event(), SPAWN.Event()
+    # The victim gets an Event of its own: Event.is_set() takes a lock shared between processes,
+    # and a process killed while holding it would block every other user of that Event.
+    victim_stop = SPAWN.Event()  # kept referenced until the child has unpickled it
     victim = SPAWN.Process(target=_stress_writer,  # publishes flat out: mostly inside publish()
-                           args=(str(region), 1, dp, ready, go, stop, 30.0, 10**9, results, 0.0))
+                           args=(str(region), 1, dp, ready, go, victim_stop, 30.0, 10**9, results, 0.0))
     others = [SPAWN.Process(target=_stress_writer,
                             args=(str(region), r, dp, ready, go, stop, 30.0, 10**9, results, 0.001))
               for r in (0, 2)]
