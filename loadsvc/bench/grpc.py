@@ -29,10 +29,9 @@ import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-from loadsvc.bench import cpu_model
+from loadsvc.bench import cpu_model, cpu_seconds, free_port, percentile
 from loadsvc.shm import default_path
 
 __all__ = ["run"]
@@ -53,12 +52,6 @@ TARGET_WATCH_P99_MS = 100.0
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -72,22 +65,6 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) 
         if time.monotonic() > deadline:
             raise RuntimeError(f"loadsvc serve did not listen on {port} within {timeout} s")
         time.sleep(0.05)
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    i = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return sorted_values[i]
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, seconds (Linux /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def _snapshot(rank: int, i: int) -> Any:
@@ -298,7 +275,7 @@ def _unary_phase(ctx: Any, target: str, seconds: float, cpu_pid: int | None,
     """CALLERS callers (closed loop, or polling every period s) over CALLER_PROCS processes; merged."""
     results_q = ctx.Queue()
     share = [CALLERS // CALLER_PROCS + (1 if i < CALLERS % CALLER_PROCS else 0) for i in range(CALLER_PROCS)]
-    cpu0 = _cpu_seconds(cpu_pid) if cpu_pid else 0.0
+    cpu0 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
     procs = [ctx.Process(target=_unary_client, args=(target, n, seconds, results_q, period), daemon=True)
              for n in share]
     for p in procs:
@@ -310,7 +287,7 @@ def _unary_phase(ctx: Any, target: str, seconds: float, cpu_pid: int | None,
             p.join(10)
             if p.is_alive():
                 p.terminate()
-    cpu = (_cpu_seconds(cpu_pid) - cpu0) / (seconds + WARMUP) if cpu_pid else float("nan")
+    cpu = (cpu_seconds(cpu_pid) - cpu0) / (seconds + WARMUP) if cpu_pid else float("nan")
     lat = sorted(x for r in results for x in r["latencies"])
     return {"lat": lat, "errors": sum(r["errors"] for r in results), "rps": len(lat) / seconds, "cpu": cpu}
 
@@ -334,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = float(getattr(args, "seconds", 10.0))
     ctx = mp.get_context("spawn")
     shm = default_path(f"bench-grpc-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     target = f"127.0.0.1:{grpc_port}"
     procs: list[Any] = []
     log = tempfile.TemporaryFile()
@@ -362,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
                       "how routers call it) ...")
         polling = _unary_phase(ctx, target, seconds, server.pid, period=POLL_PERIOD)
         payload = _raw_get_loads(target)
-        floor_port = _free_port()
+        floor_port = free_port()
         floor_ready, floor_stop = ctx.Event(), ctx.Event()
         floor = ctx.Process(target=_floor_server, args=(floor_port, payload, floor_ready, floor_stop), daemon=True)
         floor.start()
@@ -387,12 +364,12 @@ def run(args: argparse.Namespace) -> int:
         procs += watchers
         for _ in watchers:
             ready_q.get(timeout=120)
-        cpu0 = _cpu_seconds(server.pid)
+        cpu0 = cpu_seconds(server.pid)
         start.set()
         time.sleep(seconds)
         stop.set()
         kind, final_seq = pub_result.get(timeout=10)
-        watch_cpu = (_cpu_seconds(server.pid) - cpu0) / seconds
+        watch_cpu = (cpu_seconds(server.pid) - cpu0) / seconds
         for fq in finals[:len(watchers)]:
             fq.put(final_seq)
         watch = [watch_q.get(timeout=SETTLE + 60) for _ in watchers]
@@ -434,18 +411,18 @@ def run(args: argparse.Namespace) -> int:
     for col in ("measure", "loadsvc", "floor", "target", "result"):
         table.add_column(col, justify="left" if col == "measure" else "right")
     flat = floor_unary["lat"]
-    p99 = _percentile(lat, 99)
+    p99 = percentile(lat, 99)
     plat = polling["lat"]
-    pp99 = _percentile(plat, 99)
+    pp99 = percentile(plat, 99)
     table.add_row(f"GetLoads p50, {CALLERS} callers polling every {POLL_PERIOD * 1000:g} ms",
-                  ms(_percentile(plat, 50)), "", "", "")
+                  ms(percentile(plat, 50)), "", "", "")
     table.add_row(f"GetLoads p99, {CALLERS} callers polling ({polling['rps']:,.0f} calls/s)", ms(pp99), "",
                   f"< {TARGET_UNARY_P99_MS:g} ms", verdict(pp99 * 1e3 < TARGET_UNARY_P99_MS))
     table.add_row("GetLoads errors, polling", str(polling["errors"]), "", "0", verdict(polling["errors"] == 0))
-    table.add_row(f"GetLoads p50, {CALLERS} callers closed loop (saturated)", ms(_percentile(lat, 50)),
-                  ms(_percentile(flat, 50)), "", "")
+    table.add_row(f"GetLoads p50, {CALLERS} callers closed loop (saturated)", ms(percentile(lat, 50)),
+                  ms(percentile(flat, 50)), "", "")
     table.add_row("GetLoads p99, closed loop (saturated: queueing, see below)", ms(p99),
-                  ms(_percentile(flat, 99)), "", "")
+                  ms(percentile(flat, 99)), "", "")
     table.add_row("GetLoads max", ms(lat[-1] if lat else float("nan")),
                   ms(flat[-1] if flat else float("nan")), "", "")
     table.add_row("GetLoads calls/s (closed loop)", f"{rps:,.0f}", f"{floor_unary['rps']:,.0f}", "", "")
@@ -453,10 +430,10 @@ def run(args: argparse.Namespace) -> int:
                   verdict(unary_errors == 0))
     table.add_row("server CPU during GetLoads", f"{unary_cpu * 100:.0f} %", f"{floor_unary['cpu'] * 100:.0f} %",
                   "", "")
-    wp99 = _percentile(wlat, 99)
+    wp99 = percentile(wlat, 99)
     table.add_row(f"WatchLoads: subscribers ending on the final state (seq {final_seq})",
                   f"{reached}/{subscribers}", "", "all", verdict(reached == subscribers))
-    table.add_row("WatchLoads publish-to-delivery p50", f"{_percentile(wlat, 50):.2f} ms", "", "", "")
+    table.add_row("WatchLoads publish-to-delivery p50", f"{percentile(wlat, 50):.2f} ms", "", "", "")
     table.add_row("WatchLoads publish-to-delivery p99", f"{wp99:.2f} ms", "", f"< {TARGET_WATCH_P99_MS:g} ms",
                   verdict(wp99 < TARGET_WATCH_P99_MS))
     table.add_row("WatchLoads publish-to-delivery max", f"{wlat[-1] if wlat else float('nan'):.2f} ms", "", "", "")

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadsvc.bench import cpu_seconds, free_port, percentile
+
 TARGET_P99_MS = 5.0
 RANKS = 8
 RATE_HZ = 100.0
@@ -76,13 +78,6 @@ for p in pubs:
     p.close()
 print(measured, flush=True)
 """
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
 
 
 class _Subscriber(threading.Thread):
@@ -154,23 +149,6 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Pat
     raise RuntimeError(f"loadsvc serve not healthy within {timeout} s:\n{log.read_text()[-2000:]}")
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(seconds: float, *, use_netns: bool, workdir: Path) -> dict[str, Any]:
     """Run serve, the publisher and the subscriber; return the latency figures."""
     from loadsvc.bench import netns
@@ -190,7 +168,7 @@ def measure(seconds: float, *, use_netns: bool, workdir: Path) -> dict[str, Any]
             bind, endpoint = "0.0.0.0", f"tcp://node0:{zmq_port}"
             where = {"node0": topo.prefix("node0"), "node1": topo.prefix("node1")}
         else:
-            host, grpc_port, http_port, zmq_port = "127.0.0.1", _free_port(), _free_port(), _free_port()
+            host, grpc_port, http_port, zmq_port = "127.0.0.1", free_port(), free_port(), free_port()
             bind, endpoint = "127.0.0.1", f"tcp://127.0.0.1:{zmq_port}"
             where = {"node0": [], "node1": []}
         serve_log = workdir / "serve.log"
@@ -214,13 +192,13 @@ def measure(seconds: float, *, use_netns: bool, workdir: Path) -> dict[str, Any]
              str(RANKS), str(RATE_HZ), str(WARMUP_S), str(seconds), str(ROUNDS)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
         procs.append(publisher)
-        cpu_before, wall_before = _cpu_seconds(serve.pid), time.monotonic()
+        cpu_before, wall_before = cpu_seconds(serve.pid), time.monotonic()
         try:
             out_text, err_text = publisher.communicate(timeout=seconds * ROUNDS + 60)
         except subprocess.TimeoutExpired:
             publisher.kill()
             raise RuntimeError("the publisher did not finish") from None
-        serve_cpu = (_cpu_seconds(serve.pid) - cpu_before) / (time.monotonic() - wall_before)
+        serve_cpu = (cpu_seconds(serve.pid) - cpu_before) / (time.monotonic() - wall_before)
         sub.stop()
         if publisher.returncode != 0:
             raise RuntimeError(f"publisher failed: {err_text.decode(errors='replace')[-2000:]}")
@@ -235,10 +213,10 @@ def measure(seconds: float, *, use_netns: bool, workdir: Path) -> dict[str, Any]
             to_stream = sorted(a - b for a, b in pairs)
             rounds.append({
                 "seen": len(pairs),
-                "p50": _percentile(lat, 50), "p90": _percentile(lat, 90), "p99": _percentile(lat, 99),
+                "p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
                 "max": lat[-1] if lat else float("nan"),
-                "region_p50": _percentile(to_region, 50), "region_p99": _percentile(to_region, 99),
-                "stream_p50": _percentile(to_stream, 50), "stream_p99": _percentile(to_stream, 99),
+                "region_p50": percentile(to_region, 50), "region_p99": percentile(to_region, 99),
+                "stream_p50": percentile(to_stream, 50), "stream_p99": percentile(to_stream, 99),
             })
         return {
             "published": published, "rounds": rounds, "serve_cpu": serve_cpu,

@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc.bench import machine_summary
+from loadsvc.bench import free_port, machine_summary
 
 RANKS = 8
 RATE_HZ = 100.0
@@ -226,12 +225,6 @@ def _serve_baseline(path: Path, ranks: int, port: int) -> None:
 # -- orchestration -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(*role: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "loadsvc.bench.rest", *role],
                             stdin=subprocess.DEVNULL)
@@ -307,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         flock_file = Path(f"/dev/shm/loadsvc-bench-rest-{tag}.flock")
     script = Path(tempfile.gettempdir()) / f"loadsvc-bench-rest-{tag}.lua"
     script.write_text(_WRK_LUA)
-    ports = {"loadsvc": _free_port(), "baseline": _free_port()}
+    ports = {"loadsvc": free_port(), "baseline": free_port()}
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, dict[str, Any]] = {}
     try:

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc.bench import machine_summary
+from loadsvc.bench import cpu_seconds, free_port, machine_summary, percentile
 
 __all__ = ["run", "RSS_GROWTH_BOUND_MB"]
 
@@ -58,12 +58,6 @@ REST_PATHS = ("/v1/loads", "/v1/loads?dp_rank=3", "/v1/loads?include=core", "/v1
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rss_mb(pid: int) -> float:
     """Resident set size of pid in MiB (Linux /proc; nan elsewhere)."""
     try:
@@ -73,20 +67,6 @@ def _rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))]
 
 
 def _snapshot(rank: int, i: int) -> Any:
@@ -150,8 +130,8 @@ def _publisher(shm: str, stop: Any, result: Any) -> None:
         pub.close()
     durations.sort()
     result.put(("done", {"publishes": publishes, "slowest_us": slowest_ns / 1e3, "over_1ms": over_1ms,
-                         "p50_us": _percentile(durations, 50) / 1e3,
-                         "p999_us": _percentile(durations, 99.9) / 1e3,
+                         "p50_us": percentile(durations, 50) / 1e3,
+                         "p999_us": percentile(durations, 99.9) / 1e3,
                          "max_gap_ms": max_gap_ns / 1e6, "final": final}))
 
 
@@ -259,8 +239,8 @@ async def _rest_main(url: str, connections: int, rate: float, stop: Any, result:
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0) as client:
         await asyncio.gather(*(worker(k, client) for k in range(connections)))
     latencies.sort()
-    result.put({"statuses": statuses, "failures": failures, "p50_ms": _percentile(latencies, 50) * 1e3,
-                "p99_ms": _percentile(latencies, 99) * 1e3, "max_ms": (latencies[-1] if latencies else 0) * 1e3})
+    result.put({"statuses": statuses, "failures": failures, "p50_ms": percentile(latencies, 50) * 1e3,
+                "p99_ms": percentile(latencies, 99) * 1e3, "max_ms": (latencies[-1] if latencies else 0) * 1e3})
 
 
 _WRK_SCRIPT = """
@@ -355,9 +335,9 @@ def run(args: argparse.Namespace) -> int:
     warmup = min(30.0, max(5.0, seconds / 10))
     shm = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()) / \
         f"loadsvc-bench-soak-{os.getpid()}-{secrets.token_hex(4)}.shm"
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     while http_port == grpc_port:
-        http_port = _free_port()
+        http_port = free_port()
     target = f"127.0.0.1:{grpc_port}"
     wrk = shutil.which("wrk")
     log_file = tempfile.NamedTemporaryFile(prefix="loadsvc-soak-serve-", suffix=".log", delete=False)
@@ -403,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
             children.append(rest)
         time.sleep(warmup)
         rss_start = _rss_mb(serve.pid)
-        cpu_start = _cpu_seconds(serve.pid)
+        cpu_start = cpu_seconds(serve.pid)
         t_start = time.monotonic()
         peak = rss_start
         next_report = t_start + 60
@@ -418,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(min(SAMPLE_EVERY, max(0.0, end - now)))
         rss_end = _rss_mb(serve.pid)
         peak = max(peak, rss_end)
-        cpu = (_cpu_seconds(serve.pid) - cpu_start) / (time.monotonic() - t_start)
+        cpu = (cpu_seconds(serve.pid) - cpu_start) / (time.monotonic() - t_start)
 
         if rest_load is not None:
             rest_result = rest_load.result(timeout=60)
