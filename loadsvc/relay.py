@@ -180,23 +180,24 @@ def generate_keys(directory: str | os.PathLike[str], name: str) -> tuple[Path, P
     return Path(pub_path), Path(sec_path)
 
 
-def _load_public(path: Path, what: str) -> bytes:
+def _load_certificate(path: Path, what: str) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) from a pyzmq certificate file; ValueError naming the file."""
     try:
-        public, _ = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{what} {path}: cannot read a pyzmq certificate ({e}); create one "
                          "with `loadsvc keys gen DIR NAME`") from e
+
+
+def _load_public(path: Path, what: str) -> bytes:
+    public, _ = _load_certificate(path, what)
     if not public:
         raise ValueError(f"{what} {path}: no public-key in the certificate")
     return public
 
 
 def _load_secret(path: Path, what: str) -> tuple[bytes, bytes]:
-    try:
-        public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{what} {path}: cannot read a pyzmq certificate ({e}); create one "
-                         "with `loadsvc keys gen DIR NAME`") from e
+    public, secret = _load_certificate(path, what)
     if not secret:
         raise ValueError(f"{what} {path}: this is a public certificate; pass the NAME.key_secret file")
     return public, secret
