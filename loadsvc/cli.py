@@ -184,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "health stays open")
     p.add_argument("--orca-ranks", type=parse_ranks, default=None,
                    help="ranks whose aggregate ORCA reports describe (default: all)")
+    p.add_argument("--grpc-workers", type=_positive_int, default=1, metavar="N",
+                   help="gRPC server processes sharing --grpc-port through SO_REUSEPORT, each reading "
+                        "the region itself; the kernel spreads connections (not calls) over them. "
+                        "Use about one per core for hundreds of WatchLoads subscribers. REST and the "
+                        "collector stay in the first process (default %(default)s)")
 
     p = sub.add_parser("simulate", help="publish simulated engine load",
                        description="An engine simulator: arrivals, queues that build and drain, token "
@@ -270,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("grpc", help="GetLoads latency and WatchLoads fan-out")
     b.add_argument("--subscribers", type=_positive_int, default=500)
     b.add_argument("--seconds", type=_positive_float, default=10.0)
+    b.add_argument("--workers", type=_positive_int, default=None,
+                   help="--grpc-workers of the second server measured (default: one per core)")
     b = bsub.add_parser("relay", help="ZMQ publish to WatchLoads delivery across network namespaces")
     b.add_argument("--seconds", type=_positive_float, default=10.0)
     b = bsub.add_parser("routing", help="routing quality: round robin vs smg vs loadsvc P2C")
@@ -301,6 +308,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         orca_ranks=args.orca_ranks,
         max_frame_bytes=args.max_frame_bytes,
+        grpc_workers=args.grpc_workers,
     )
 
 

@@ -5,30 +5,44 @@
          |                                      one asyncio loop (uvloop when installed)
     Collector (--collect, ZMQ) relays remote ranks into the region
 
+    --grpc-workers N (N > 1): N - 1 more processes, each a LoadStore over the same
+    region and a grpc.aio server on the same port (SO_REUSEPORT); the kernel
+    spreads connections over the N servers. REST and the collector stay here.
+
 ``serve(settings)`` runs until cancelled or until ``stop`` is set; ``run_serve``
 adds SIGTERM/SIGINT handling and is what the CLI calls. Shutdown: health goes
 NOT_SERVING, WatchLoads streams end with UNAVAILABLE, uvicorn and gRPC stop
-(grace 1 s), the collector and the store stop; ports are released.
+(grace 1 s), the workers, the collector and the store stop; ports are released.
+
+Why workers: one grpc.aio process writes WatchLoads messages one after another
+(about 0.1 ms each on a 2-core machine), so a change reaches the 500th
+subscriber of one process tens of milliseconds after the first. The region is
+read lock-free by any number of processes, so more servers over it cost one
+poll loop each and split the fan-out between cores.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
+import multiprocessing as mp
 import os
+import queue
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
 from loadsvc._hosting import bind_tcp
-from loadsvc.grpc_service import add_load_services
-from loadsvc.orca import ORCA_SERVICE, add_orca_service
+from loadsvc.grpc_service import LoadServices, add_load_services
+from loadsvc.orca import ORCA_SERVICE, OrcaService, add_orca_service
 from loadsvc.settings import ServeSettings
 from loadsvc.store import LoadStore
 
@@ -38,7 +52,11 @@ log = logging.getLogger("loadsvc.server")
 
 GRPC_GRACE = 1.0  # seconds in-flight unary calls get at shutdown
 HTTP_GRACE = 2  # seconds open HTTP connections get at shutdown
-# No SO_REUSEPORT: a second server on the same port must fail, not share it silently.
+WORKER_START_TIMEOUT = 60.0  # seconds a gRPC worker process gets to listen
+WORKER_STOP_TIMEOUT = 5.0  # seconds workers get to stop after SIGTERM before SIGKILL
+WORKER_RESTART_DELAY = 1.0  # seconds before a worker that died is started again
+# No SO_REUSEPORT with one process: a second server on the same port must fail,
+# not share it silently. Workers share it on purpose (after a probe: see serve()).
 GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.so_reuseport", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
@@ -84,6 +102,47 @@ def _grpc_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
                                        require_client_auth=ca is not None)
 
 
+def _grpc_server(settings: ServeSettings, store: LoadStore, *,
+                 shared_port: bool) -> tuple[grpc.aio.Server, LoadServices, OrcaService]:
+    """A grpc.aio server with every loadsvc service over store (not listening yet)."""
+    options = [(k, int(shared_port) if k == "grpc.so_reuseport" else v) for k, v in GRPC_OPTIONS]
+    server = grpc.aio.server(options=options)
+    services = add_load_services(server, store, api_key=settings.api_key, extra_services=(ORCA_SERVICE,))
+    orca = add_orca_service(server, store, ranks=settings.orca_ranks)
+    return server, services, orca
+
+
+def _listen_grpc(server: grpc.aio.Server, settings: ServeSettings, port: int) -> int:
+    """Add the listening port; the port bound (port 0 picks one), ServeError when it cannot be."""
+    credentials = _grpc_credentials(settings)
+    address = _grpc_address(settings.host, port)
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as e:
+        bound, reason = 0, str(e)
+    else:
+        reason = "address in use or not available"
+    if not bound:
+        raise ServeError(f"cannot listen for gRPC on {address}: {reason} "
+                         "(is another server running? choose another --grpc-port)")
+    return bound
+
+
+def _probe_grpc_port(settings: ServeSettings) -> None:
+    """ServeError when something already listens on the gRPC port.
+
+    Workers share the port through SO_REUSEPORT, which would also let them join
+    another SO_REUSEPORT server of the same user on that port; binding once
+    without it first turns a port in use into an error, as with one process.
+    """
+    if settings.grpc_port == 0:
+        return  # the first server picks a free port; the workers join that one
+    try:
+        bind_tcp(settings.host, settings.grpc_port, "gRPC").close()
+    except OSError as e:
+        raise ServeError(f"{e} [--host / --grpc-port]") from e
+
+
 def _uvicorn_server(app: Any, settings: ServeSettings, port: int) -> Any:
     import uvicorn
 
@@ -125,35 +184,27 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
                     "read the loads; use --tls-cert/--tls-key and/or --api-key", host)
     registry = CollectorRegistry()
     store = LoadStore(settings.store)
-    grpc_server = grpc.aio.server(options=list(GRPC_OPTIONS))
-    services = add_load_services(grpc_server, store, api_key=settings.api_key,
-                                 extra_services=(ORCA_SERVICE,))
-    orca = add_orca_service(grpc_server, store, ranks=settings.orca_ranks)
+    shared = settings.grpc_workers > 1
+    grpc_server, services, orca = _grpc_server(settings, store, shared_port=shared)
     http_sock: socket.socket | None = None
     http_task: asyncio.Task[None] | None = None
     uv: Any = None
     collector: Any = None
+    workers: _Workers | None = None
     grpc_started = False
     try:
-        credentials = _grpc_credentials(settings)
-        address = _grpc_address(host, settings.grpc_port)
-        try:
-            grpc_port = (grpc_server.add_secure_port(address, credentials) if credentials
-                         else grpc_server.add_insecure_port(address))
-        except RuntimeError as e:
-            grpc_port = 0
-            reason = str(e)
-        else:
-            reason = "address in use or not available"
-        if not grpc_port:
-            raise ServeError(f"cannot listen for gRPC on {address}: {reason} "
-                             "(is another server running? choose another --grpc-port)")
+        if shared:
+            _probe_grpc_port(settings)
+        grpc_port = _listen_grpc(grpc_server, settings, settings.grpc_port)
         http_sock = _bind_http(host, settings.http_port)
         http_port = http_sock.getsockname()[1]
 
         await store.start()
         await grpc_server.start()
         grpc_started = True
+        if shared:
+            workers = _Workers(settings, grpc_port)
+            await workers.start()
         if settings.collect:
             from loadsvc.relay import Collector
 
@@ -176,9 +227,10 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
 
         scheme = "https" if settings.tls else "http"
         shown = f"[{host}]" if ":" in host else host
-        log.info("gRPC listening on %s (%s%s; %s, health, reflection)", _grpc_address(host, grpc_port),
+        log.info("gRPC listening on %s (%s%s; %s, health, reflection%s)", _grpc_address(host, grpc_port),
                  "TLS" if settings.tls else "plaintext", ", API key" if settings.api_key else "",
-                 ", ".join(services.service_names))
+                 ", ".join(services.service_names),
+                 f"; {settings.grpc_workers} processes share the port" if shared else "")
         log.info("REST listening on %s://%s:%d/v1/loads (also /health, /metrics)", scheme, shown, http_port)
         log.info("region %s%s", settings.store.shm,
                  "" if store.attached else " (not there yet: waiting for a publisher; health NOT_SERVING)")
@@ -190,7 +242,11 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
             await stop.wait()
     finally:
         orca.close()  # ORCA streams end now rather than at the end of the gRPC grace period
+        if workers is not None:
+            workers.signal_stop()  # they stop in parallel with this process
         await _shutdown(store, grpc_server, grpc_started, services, uv, http_task, http_sock, collector)
+        if workers is not None:
+            await workers.wait_stopped()
 
 
 async def _shutdown(store: LoadStore, grpc_server: grpc.aio.Server, grpc_started: bool, services: Any,
@@ -220,6 +276,148 @@ async def _shutdown(store: LoadStore, grpc_server: grpc.aio.Server, grpc_started
     store.close()
     if grpc_started:
         log.info("stopped")
+
+
+class _Workers:
+    """The extra gRPC processes of ``--grpc-workers``: started, watched, restarted, stopped.
+
+    Each runs ``_worker_main`` (spawned, so nothing of this process's event loop or
+    gRPC core is inherited) with the same settings and the port the first server
+    bound. One that dies is started again after WORKER_RESTART_DELAY; its clients'
+    connections drop and they reconnect (to any of the servers).
+    """
+
+    def __init__(self, settings: ServeSettings, port: int) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._settings = dataclasses.replace(settings, grpc_port=port)
+        self._events: Any = self._ctx.Queue()
+        self._procs: dict[int, Any] = {}
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
+
+    def _spawn(self, index: int) -> None:
+        proc = self._ctx.Process(target=_worker_main, name=f"loadsvc-grpc-worker-{index}", daemon=True,
+                                 args=(self._settings, index, os.getpid(), self._events,
+                                       logging.getLogger().getEffectiveLevel()))
+        proc.start()
+        self._procs[index] = proc
+
+    async def _wait_ready(self, indexes: set[int]) -> None:
+        """Until each worker in indexes reported it listens; ServeError if one failed or is late.
+
+        Polls the queue without blocking (never a thread parked in get(): a
+        shutdown would wait for it).
+        """
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while indexes:
+            try:
+                kind, index, detail = self._events.get_nowait()
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise ServeError(f"gRPC worker(s) {sorted(indexes)} did not start within "
+                                     f"{WORKER_START_TIMEOUT:g} s") from None
+                await asyncio.sleep(0.05)
+                continue
+            if kind == "error":
+                raise ServeError(f"gRPC worker {index}: {detail}")
+            indexes.discard(index)
+
+    async def start(self) -> None:
+        """Start workers 1..N-1 and wait until every one listens; ServeError when one cannot."""
+        indexes = set(range(1, self._settings.grpc_workers))
+        for index in indexes:
+            self._spawn(index)
+        await self._wait_ready(set(indexes))
+        self._watch = asyncio.get_running_loop().create_task(self._supervise(), name="loadsvc-workers")
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for index, proc in list(self._procs.items()):
+                if proc.exitcode is None or self._stopping:
+                    continue
+                log.warning("gRPC worker %d (pid %d) exited with code %s; its clients reconnect to the "
+                            "other servers; starting it again in %g s", index, proc.pid, proc.exitcode,
+                            WORKER_RESTART_DELAY)
+                await asyncio.sleep(WORKER_RESTART_DELAY)
+                if self._stopping:
+                    return
+                self._spawn(index)
+                try:
+                    await self._wait_ready({index})
+                except ServeError as e:
+                    log.error("%s", e)
+                else:
+                    log.info("gRPC worker %d started again (pid %d)", index, self._procs[index].pid)
+
+    def signal_stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        for proc in self._procs.values():
+            if proc.exitcode is None:
+                proc.terminate()  # SIGTERM: the worker stops like serve does
+
+    async def wait_stopped(self) -> None:
+        deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+        for index, proc in self._procs.items():
+            while proc.exitcode is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if proc.exitcode is None:
+                log.warning("gRPC worker %d did not stop within %g s; killing it", index, WORKER_STOP_TIMEOUT)
+                proc.kill()
+                proc.join(2)
+        self._events.close()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values()]
+
+
+def _worker_main(settings: ServeSettings, index: int, parent: int, events: Any, log_level: int) -> None:
+    """A spawned gRPC worker: the same services over its own store, on the shared port."""
+    logging.basicConfig(level=log_level,
+                        format=f"%(asctime)s %(levelname)s %(name)s [grpc worker {index}]: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_worker_serve(settings, index, parent, events))
+
+
+async def _worker_serve(settings: ServeSettings, index: int, parent: int, events: Any) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    store = LoadStore(settings.store)
+    server, services, orca = _grpc_server(settings, store, shared_port=True)
+    started = False
+    try:
+        try:
+            _listen_grpc(server, settings, settings.grpc_port)
+            await store.start()
+            await server.start()
+            started = True
+        except ServeError as e:
+            events.put(("error", index, str(e)))
+            return
+        events.put(("ready", index, os.getpid()))
+        while not stop.is_set():
+            if os.getppid() != parent:  # serve died without stopping us
+                log.warning("serve (pid %d) is gone; stopping", parent)
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+    finally:
+        orca.close()
+        await services.aclose()
+        await server.stop(GRPC_GRACE if started else None)
+        await store.stop()
+        store.close()
 
 
 def run_serve(settings: ServeSettings) -> int:

@@ -55,6 +55,7 @@ class ServeSettings:
     api_key: str | None = None
     orca_ranks: tuple[int, ...] | None = None  # None: aggregate of every rank
     max_frame_bytes: int = 64 * 1024
+    grpc_workers: int = 1  # gRPC server processes sharing grpc_port (SO_REUSEPORT) when > 1
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import socket
@@ -18,7 +19,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import free_port, port_is_free
+from conftest import free_port, port_is_free, wait_for
 from loadsvc import LoadSnapshot, MemoryMetrics, ShmPublisher
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
@@ -248,3 +249,102 @@ def test_serve_mutual_tls(shm_path: Path, serve_process: Any, mtls_files: dict[s
     with pytest.raises(httpx.HTTPError):
         httpx.get(url, verify=ssl.create_default_context(cafile=str(f["ca.pem"])), timeout=5)
     assert server.stop() == 0
+
+
+# -- --grpc-workers: several gRPC processes on one port ----------------------------------------
+
+
+def _worker_pids(parent: int) -> set[int]:
+    """PIDs of the spawned gRPC workers of a serve process (children running spawn_main)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.add(int(entry.name))
+    return pids
+
+
+def _established_on(port: int, pid: int) -> int:
+    """How many ESTABLISHED TCP connections to local port `port` process pid holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC may use v4-mapped IPv6 sockets
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            local_port = int(cols[1].rsplit(":", 1)[1], 16)
+            if local_port == port and cols[3] == "01" and cols[9] in inodes:
+                count += 1
+    return count
+
+
+def test_serve_grpc_workers_share_the_port(shm_path: Path, serve_process: Any, channel_to: Any) -> None:
+    server = serve_process(shm_path, dp_size=2, args=["--grpc-workers", "3"])
+    server.wait_for_log("3 processes share the port", timeout=30)
+    workers = _worker_pids(server.proc.pid)
+    assert len(workers) == 2, workers
+    with ShmPublisher(shm_path, dp_size=2, dp_rank=1) as pub:
+        pub.publish(LoadSnapshot(dp_rank=1, num_running_reqs=5))
+        # Many connections (a local subchannel pool each: channels of one process share
+        # connections otherwise); the kernel hashes each to one of the three servers.
+        channels = [grpc.insecure_channel(server.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(24)]
+        stubs = [pb_grpc.LoadServiceStub(ch) for ch in channels]
+        for stub in stubs:
+            loads = wait_for(lambda: stub.GetLoads(pb.GetLoadsRequest(), timeout=2).loads, 5, "rank 1")
+            assert [(x.dp_rank, x.num_running_reqs) for x in loads] == [(1, 5)]
+        per_process = {pid: _established_on(server.grpc_port, pid) for pid in (server.proc.pid, *workers)}
+        assert sum(per_process.values()) == 24 and all(per_process.values()), per_process
+
+        # Every process follows the region: a publish reaches streams on all of them.
+        streams = [StreamReader(stub.WatchLoads(pb.WatchLoadsRequest(dp_rank=1))) for stub in stubs]
+        for stream in streams:
+            assert stream.next(5).loads[0].num_running_reqs == 5
+        seq = pub.publish(LoadSnapshot(dp_rank=1, num_running_reqs=6))
+        for stream in streams:
+            while (msg := stream.next(5)).loads[0].seq != seq:
+                pass
+            assert msg.loads[0].num_running_reqs == 6
+
+        # A worker that dies is started again; the port keeps answering meanwhile.
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for_log(f"(pid {victim}) exited with code -9", timeout=10)
+        server.wait_for_log("started again", timeout=30)
+        assert len(_worker_pids(server.proc.pid) - {victim}) == 2
+        for _ in range(6):
+            ch = channel_to(server.grpc_target)
+            assert pb_grpc.LoadServiceStub(ch).GetLoads(pb.GetLoadsRequest(dp_rank=1), timeout=5).loads[0].seq == seq
+
+        workers = _worker_pids(server.proc.pid)
+        assert server.stop() == 0
+        for ch in channels:
+            ch.close()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert port_is_free(server.grpc_port) and port_is_free(server.http_port)
+
+
+def test_serve_grpc_workers_port_in_use_fails_with_a_message(shm_path: Path) -> None:
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT: workers must not join it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "loadsvc", "serve", "--shm", str(shm_path), "--dp-size", "1",
+             "--grpc-workers", "2", "--grpc-port", str(port), "--http-port", str(free_port())],
+            capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot listen for gRPC on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
