@@ -1,4 +1,4 @@
-"""`loadsvc bench shm` runs end to end and prints its table (no timing assertions)."""
+"""`loadsvc bench shm` and `bench grpc` run end to end and print their tables (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -41,3 +41,29 @@ def test_bench_shm_prints_the_table() -> None:
     # The bench removes its region files.
     leftovers = list(default_path().parent.glob(f"loadsvc-bench-*{proc.pid}-*"))
     assert leftovers == []
+
+
+def test_bench_grpc_runs_one_process_and_workers() -> None:
+    """A short `loadsvc bench grpc`: both servers measured, every subscriber reaches the final state."""
+    proc = subprocess.Popen([sys.executable, "-m", "loadsvc", "bench", "grpc", "--subscribers", "20",
+                             "--seconds", "1", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "160"})
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out + err
+    assert "judged: --grpc-workers 2" in out and "1 process" in out and "2 workers" in out, out
+
+    def cells(name: str) -> list[str]:
+        line = next((ln for ln in out.splitlines() if name in ln), None)
+        assert line is not None, f"no row {name!r} in:\n{out}"
+        return [c.strip() for c in re.split(r"[│|┃]", line) if c.strip()]
+
+    reached = cells("subscribers ending on the final state")
+    assert reached[1].startswith("20/20 (seq ") and reached[2].startswith("20/20 (seq "), reached
+    assert cells("WatchLoads stream errors")[1:3] == ["0", "0"]
+    assert cells("GetLoads errors, polling")[1:3] == ["0", "0"]
+    assert cells("serve exit code after SIGTERM")[1:3] == ["0", "0"]
+    p99 = cells("GetLoads p99, 32 callers polling")
+    assert all(re.fullmatch(r"\d+\.\d{3} ms", c) for c in p99[1:3]), p99
+    assert p99[-1] in ("met", "not met") and cells("publish-to-delivery p99")[-1] in ("met", "not met")
+    assert list(default_path().parent.glob(f"loadsvc-bench-grpc-{proc.pid}-*")) == []
