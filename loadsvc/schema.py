@@ -39,6 +39,7 @@ __all__ = [
     "to_dict",
     "to_proto",
     "from_proto",
+    "status_number",
 ]
 
 _I32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
@@ -146,6 +147,11 @@ def _fingerprint() -> int:
 
 
 SCHEMA_FINGERPRINT: int = _fingerprint()
+
+
+def status_number(status: Any) -> int:
+    """The LoadStatus enum number of a Status."""
+    return _NUMBER_BY_STATUS[status]
 
 
 def to_dict(obj: msgspec.Struct) -> dict[str, Any]:

@@ -117,6 +117,9 @@ class View:
     built_ns: int
     timestamp: str
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+    # rank -> ((seq, publish_time_ns), LoadSnapshot proto), shared by the views of one store:
+    # a rank is converted to protobuf once per publish, not once per view (ages change every tick)
+    proto_cache: dict[int, tuple[tuple[int, int], Any]] = field(default_factory=dict, repr=False)
 
     def select(self, sel: Selection) -> tuple[Any, ...]:
         if sel.dp_rank is None:
@@ -175,6 +178,7 @@ class LoadStore:
         self._statuses: tuple[Any, ...] = ()
         self._version = 0
         self._change_version = 0
+        self._proto_cache: dict[int, tuple[tuple[int, int], Any]] = {}
         self._view = self._build([], 0, self._clock())
         self._next_tick = 0
         self._next_attach = 0.0
@@ -256,7 +260,8 @@ class LoadStore:
             self._statuses = statuses_t
         self._version += 1
         ts = datetime.fromtimestamp(now_ns / 1e9, timezone.utc).strftime(_ISO)
-        return View(self._version, self._change_version, dp_size, tuple(out), now_ns, ts)
+        return View(self._version, self._change_version, dp_size, tuple(out), now_ns, ts,
+                    proto_cache=self._proto_cache)
 
     def poll(self) -> bool:
         """Look at the region now; rebuild the view if anything changed. True on a change."""
@@ -403,9 +408,16 @@ def response_proto(view: View, sel: Selection) -> Any:
     from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 
     resp = pb.GetLoadsResponse(timestamp=view.timestamp, version=__version__, dp_rank_count=view.dp_size)
+    cache = view.proto_cache
     for snap in view.select(sel):
+        key = (snap.seq, snap.publish_time_ns)
+        hit = cache.get(snap.dp_rank)
+        if hit is None or hit[0] != key:
+            hit = cache[snap.dp_rank] = (key, schema.to_proto(snap))
         msg = resp.loads.add()
-        schema.to_proto(snap, msg)
+        msg.CopyFrom(hit[1])  # a copy in C; only the reader-filled fields differ per view
+        msg.status = schema.status_number(snap.status)
+        msg.age_ms = snap.age_ms
         for name in SECTIONS.values():
             if name not in sel.sections:
                 msg.ClearField(name)
