@@ -289,6 +289,18 @@ def machine() -> str:
             f"Python {platform.python_version()}, grpcio {grpc.__version__}, server loop {loop}")
 
 
+def _split(total: int, parts: int) -> list[int]:
+    """total spread over parts as evenly as integers allow, empty parts left out."""
+    return [n for n in (total // parts + (1 if i < total % parts else 0) for i in range(parts)) if n]
+
+
+def _reap(procs: list[Any]) -> None:
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.terminate()
+
+
 def _cpu(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for p in pids) if pids else float("nan")
 
@@ -297,19 +309,15 @@ def _unary_phase(ctx: Any, target: str, seconds: float, cpu_pids: list[int],
                  period: float | None = None) -> dict[str, Any]:
     """CALLERS callers (closed loop, or polling every period s) over CALLER_PROCS processes; merged."""
     results_q = ctx.Queue()
-    share = [CALLERS // CALLER_PROCS + (1 if i < CALLERS % CALLER_PROCS else 0) for i in range(CALLER_PROCS)]
     cpu0 = _cpu(cpu_pids)
     procs = [ctx.Process(target=_unary_client, args=(target, n, seconds, results_q, period), daemon=True)
-             for n in share]
+             for n in _split(CALLERS, CALLER_PROCS)]
     for p in procs:
         p.start()
     try:
         results = [results_q.get(timeout=seconds + 120) for _ in procs]
     finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.terminate()
+        _reap(procs)
     cpu = (_cpu(cpu_pids) - cpu0) / (seconds + WARMUP)
     lat = sorted(x for r in results for x in r["latencies"])
     return {"lat": lat, "errors": sum(r["errors"] for r in results), "rps": len(lat) / seconds, "cpu": cpu}
@@ -319,10 +327,10 @@ def _watch_phase(ctx: Any, target: str, subscribers: int, seconds: float, cpu_pi
                  commands: Any, pub_result: Any) -> dict[str, Any]:
     """subscribers WatchLoads streams over WATCH_PROCS processes while rank 0 publishes for seconds."""
     ready_q, watch_q = ctx.Queue(), ctx.Queue()
-    share = [subscribers // WATCH_PROCS + (1 if i < subscribers % WATCH_PROCS else 0) for i in range(WATCH_PROCS)]
-    finals = [ctx.Queue() for n in share if n]
+    share = _split(subscribers, WATCH_PROCS)
+    finals = [ctx.Queue() for _ in share]
     watchers = [ctx.Process(target=_watch_client, args=(target, n, ready_q, fq, watch_q), daemon=True)
-                for n, fq in zip([n for n in share if n], finals)]
+                for n, fq in zip(share, finals)]
     for p in watchers:
         p.start()
     try:
@@ -337,10 +345,7 @@ def _watch_phase(ctx: Any, target: str, subscribers: int, seconds: float, cpu_pi
             fq.put(final_seq)
         results = [watch_q.get(timeout=SETTLE + 60) for _ in watchers]
     finally:
-        for p in watchers:
-            p.join(10)
-            if p.is_alive():
-                p.terminate()
+        _reap(watchers)
     return {"lat": sorted(x / 1e6 for r in results for x in r["latencies"]),
             "reached": sum(r["reached"] for r in results), "final_seq": final_seq, "published": published,
             "delivered": sum(r["delivered"] for r in results),
