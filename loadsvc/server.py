@@ -41,6 +41,7 @@ from typing import Any
 import grpc
 
 from loadsvc._hosting import bind_tcp
+from loadsvc._hosting import run as run_loop
 from loadsvc.grpc_service import LoadServices, add_load_services
 from loadsvc.orca import ORCA_SERVICE, OrcaService, add_orca_service
 from loadsvc.settings import ServeSettings
@@ -369,24 +370,13 @@ class _Workers:
                 proc.join(2)
         self._events.close()
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs.values()]
-
 
 def _worker_main(settings: ServeSettings, index: int, parent: int, events: Any, log_level: int) -> None:
     """A spawned gRPC worker: the same services over its own store, on the shared port."""
     logging.basicConfig(level=log_level,
                         format=f"%(asctime)s %(levelname)s %(name)s [grpc worker {index}]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_worker_serve(settings, index, parent, events))
+    run_loop(_worker_serve(settings, index, parent, events))
 
 
 async def _worker_serve(settings: ServeSettings, index: int, parent: int, events: Any) -> None:
