@@ -508,8 +508,17 @@ async def test_api_key_required_except_health(make_env: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await sg_grpc.SglangSchedulerStub(env.channel).GetLoads(sg.GetLoadsRequest())
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Reflection without the key: a stream that sends nothing, so the client reads the
+    # status (a request written after the server ended the call fails with INTERNAL).
+    never = asyncio.Event()
+
+    async def silent() -> AsyncIterator[Any]:
+        await never.wait()
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await list_services(env.channel)
+        async for _ in reflection_pb2_grpc.ServerReflectionStub(env.channel).ServerReflectionInfo(silent()):
+            pass
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     resp = await env.stub.GetLoads(pb.GetLoadsRequest(), metadata=good)

@@ -298,16 +298,16 @@ def test_serve_grpc_workers_share_the_port(shm_path: Path, serve_process: Any, c
     assert len(workers) == 2, workers
     with ShmPublisher(shm_path, dp_size=2, dp_rank=1) as pub:
         pub.publish(LoadSnapshot(dp_rank=1, num_running_reqs=5))
-        # Many connections (a local subchannel pool each: channels of one process share
+        # 32 connections (a local subchannel pool each: channels of one process share
         # connections otherwise); the kernel hashes each to one of the three servers.
         channels = [grpc.insecure_channel(server.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
-                    for _ in range(24)]
+                    for _ in range(32)]
         stubs = [pb_grpc.LoadServiceStub(ch) for ch in channels]
         for stub in stubs:
             loads = wait_for(lambda: stub.GetLoads(pb.GetLoadsRequest(), timeout=2).loads, 5, "rank 1")
             assert [(x.dp_rank, x.num_running_reqs) for x in loads] == [(1, 5)]
         per_process = {pid: _established_on(server.grpc_port, pid) for pid in (server.proc.pid, *workers)}
-        assert sum(per_process.values()) == 24 and all(per_process.values()), per_process
+        assert sum(per_process.values()) == 32 and all(per_process.values()), per_process
 
         # Every process follows the region: a publish reaches streams on all of them.
         streams = [StreamReader(stub.WatchLoads(pb.WatchLoadsRequest(dp_rank=1))) for stub in stubs]
