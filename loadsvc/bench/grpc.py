@@ -28,8 +28,6 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +35,8 @@ import time
 import uuid
 from typing import Any
 
-from loadsvc.bench import cpu_model, cpu_seconds, free_port, percentile, process_tree
+from loadsvc.bench import (cpu_model, cpu_seconds, free_port, percentile, process_tree, reap, stop_process,
+                           wait_listening)
 from loadsvc.shm import default_path
 
 __all__ = ["run"]
@@ -60,21 +59,6 @@ TARGET_WATCH_P99_MS = 100.0
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"loadsvc serve exited with {proc.returncode} before listening")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"loadsvc serve did not listen on {port} within {timeout} s")
-        time.sleep(0.05)
 
 
 def _snapshot(rank: int, i: int) -> Any:
@@ -294,13 +278,6 @@ def _split(total: int, parts: int) -> list[int]:
     return [n for n in (total // parts + (1 if i < total % parts else 0) for i in range(parts)) if n]
 
 
-def _reap(procs: list[Any]) -> None:
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.terminate()
-
-
 def _cpu(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for p in pids) if pids else float("nan")
 
@@ -317,7 +294,7 @@ def _unary_phase(ctx: Any, target: str, seconds: float, cpu_pids: list[int],
     try:
         results = [results_q.get(timeout=seconds + 120) for _ in procs]
     finally:
-        _reap(procs)
+        reap(procs)
     cpu = (_cpu(cpu_pids) - cpu0) / (seconds + WARMUP)
     lat = sorted(x for r in results for x in r["latencies"])
     return {"lat": lat, "errors": sum(r["errors"] for r in results), "rps": len(lat) / seconds, "cpu": cpu}
@@ -345,7 +322,7 @@ def _watch_phase(ctx: Any, target: str, subscribers: int, seconds: float, cpu_pi
             fq.put(final_seq)
         results = [watch_q.get(timeout=SETTLE + 60) for _ in watchers]
     finally:
-        _reap(watchers)
+        reap(watchers)
     return {"lat": sorted(x / 1e6 for r in results for x in r["latencies"]),
             "reached": sum(r["reached"] for r in results), "final_seq": final_seq, "published": published,
             "delivered": sum(r["delivered"] for r in results),
@@ -367,8 +344,8 @@ class _Server:
              "--dp-size", str(RANKS), "--grpc-port", str(self.grpc_port), "--http-port", str(http_port),
              "--grpc-workers", str(workers)],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _wait_port(self.grpc_port, self.proc)
-        _wait_port(http_port, self.proc)
+        wait_listening(self.grpc_port, self.proc)
+        wait_listening(http_port, self.proc)
         deadline = time.monotonic() + 60
         while b"REST listening" not in self.text().encode():  # logged once every worker listens
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -382,14 +359,7 @@ class _Server:
         return self.log.read().decode(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.returncode = self.proc.returncode
+        self.returncode = stop_process(self.proc, 15)
         return self.returncode
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc.bench import cpu_seconds, free_port, percentile
+from loadsvc.bench import cpu_seconds, free_port, percentile, stop_process
 
 TARGET_P99_MS = 5.0
 RANKS = 8
@@ -226,13 +225,7 @@ def measure(seconds: float, *, use_netns: bool, workdir: Path) -> dict[str, Any]
         }
     finally:
         for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(p, 10)
         if topo is not None:
             topo.close()
         shm.unlink(missing_ok=True)

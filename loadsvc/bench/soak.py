@@ -29,8 +29,6 @@ import multiprocessing as mp
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc.bench import cpu_seconds, free_port, machine_summary, percentile
+from loadsvc.bench import cpu_seconds, free_port, machine_summary, percentile, reap, stop_process, wait_listening
 
 __all__ = ["run", "RSS_GROWTH_BOUND_MB"]
 
@@ -297,20 +295,6 @@ class _Wrk:
 # -- the run -------------------------------------------------------------------------------------------
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"loadsvc serve exited with {proc.returncode} before listening") from None
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"loadsvc serve did not listen on port {port} within {timeout} s") from None
-            time.sleep(0.05)
-
-
 def _get_loads(target: str) -> Any:
     import grpc
 
@@ -354,8 +338,8 @@ def run(args: argparse.Namespace) -> int:
     rest_load: _Wrk | None = None
     ok = True
     try:
-        _wait_listening(grpc_port, serve)
-        _wait_listening(http_port, serve)
+        wait_listening(grpc_port, serve)
+        wait_listening(http_port, serve)
         rss_launch = _rss_mb(serve.pid)
 
         pub_stop, pub_q = ctx.Event(), ctx.Queue()
@@ -413,17 +397,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if rest_load is not None:
             rest_load.stop()
-        for child in children:
-            child.join(10)
-            if child.is_alive():
-                child.terminate()
-        if serve.poll() is None:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                serve.wait(15)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                serve.wait()
+        reap(children)
+        stop_process(serve, 15)
         shm.unlink(missing_ok=True)
         log_file.close()
 
