@@ -404,10 +404,7 @@ async def _worker_serve(settings: ServeSettings, index: int, parent: int, events
                 await asyncio.wait_for(stop.wait(), 0.5)
     finally:
         orca.close()
-        await services.aclose()
-        await server.stop(GRPC_GRACE if started else None)
-        await store.stop()
-        store.close()
+        await _shutdown(store, server, started, services, None, None, None, None)
 
 
 def run_serve(settings: ServeSettings) -> int:
