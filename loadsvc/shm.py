@@ -71,6 +71,7 @@ __all__ = [
     "create_region",
     "default_path",
     "freshness",
+    "native_read_loop",
     "DEFAULT_PAYLOAD_CAPACITY",
 ]
 
@@ -144,6 +145,20 @@ _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeErr
 # 1.7 us with binascii, 4 to 14 us with zlib).
 _crc32 = binascii.crc32
 _time_ns = time.time_ns
+
+# The changed-rank loop of read_all in C (loadsvc/_shmfast.c): the same checks
+# with acquire loads, the same checksum, the same decoder; ranks it cannot read
+# go through _refresh as in the Python loop. Built at install when a compiler is
+# there (optional in pyproject.toml); without it the Python loop runs.
+try:
+    from loadsvc._shmfast import read_changed as _native_read_changed
+except ImportError:  # not built: the Python loop
+    _native_read_changed = None
+
+
+def native_read_loop() -> bool:
+    """True when loadsvc._shmfast was built, so readers run read_all's changed-rank loop in C."""
+    return _native_read_changed is not None
 
 
 class _Region:
@@ -449,12 +464,17 @@ class ShmReader:
     when it was never published (or has never been read intact).
     ``read_all()`` returns the published ranks in ascending order; when no
     rank changed it costs one copy and one comparison of the sequence words.
+    Changed ranks are read in C where loadsvc._shmfast was built (``native``),
+    else in Python; ``native=False`` asks for Python. Both give the same results.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  stale_after: float = DEFAULT_STALE_AFTER,
-                 unreachable_after: float = DEFAULT_UNREACHABLE_AFTER) -> None:
+                 unreachable_after: float = DEFAULT_UNREACHABLE_AFTER,
+                 native: bool = True) -> None:
         self.path = Path(path) if path is not None else default_path()
+        # native=False keeps read_all in Python even where loadsvc._shmfast was built.
+        self._read_changed = _native_read_changed if native else None
         self.stale_after = stale_after
         self.unreachable_after = unreachable_after
         try:
@@ -541,7 +561,21 @@ class ShmReader:
         key = self._mm[a:b]
         if key == self._all_key:
             return self._all
-        seqs = list(self._seq_struct.unpack(key))
+        seqs = self._seq_struct.unpack(key)
+        cache, cache_seq = self._cache, self._cache_seq
+        if self._read_changed is not None:
+            for rank in self._read_changed(self._mm, seqs, cache, cache_seq, self._buffers,
+                                           self.payload_capacity, self._decode):
+                self._refresh(rank, seqs[rank])
+        else:
+            self._read_changed_python(seqs)
+        self._all = out = cache.copy() if None not in cache else [s for s in cache if s is not None]
+        # Remember the key only when every rank was read at that sequence, so a
+        # rank that could not be read intact is retried on the next call.
+        self._all_key = key if list(seqs) == cache_seq else b""
+        return out
+
+    def _read_changed_python(self, seqs: tuple[int, ...]) -> None:
         cache, cache_seq = self._cache, self._cache_seq
         # The first attempt of _refresh, inlined with every name local (this loop
         # runs for each changed rank); anything unusual falls back to _refresh,
@@ -569,11 +603,11 @@ class ShmReader:
                         cache_seq[rank] = n
                         continue
             self._refresh(rank, n)
-        self._all = out = cache.copy() if None not in cache else [s for s in cache if s is not None]
-        # Remember the key only when every rank was read at that sequence, so a
-        # rank that could not be read intact is retried on the next call.
-        self._all_key = key if seqs == cache_seq else b""
-        return out
+
+    @property
+    def native(self) -> bool:
+        """True when read_all's changed-rank loop runs in C (loadsvc._shmfast)."""
+        return self._read_changed is not None
 
     def sequences(self) -> list[int]:
         """The sequence word of every rank (0 = never published)."""

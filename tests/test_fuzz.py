@@ -159,9 +159,11 @@ def test_fuzzed_slot_never_yields_a_wrong_snapshot(data: st.DataObject) -> None:
                     f.seek(at)
                     f.write(junk)
             fresh = ShmReader(path)  # no last good copy
-            with warm, fresh:
-                for reader, before in ((warm, good0 if rank == 0 else None), (fresh, None)):
-                    for snap in (reader.read(rank), *[s for s in reader.read_all() if s.dp_rank == rank]):
+            fresh_py = ShmReader(path, native=False)  # read_all's loop in Python, not C
+            with warm, fresh, fresh_py:
+                for reader, before in ((warm, good0 if rank == 0 else None), (fresh, None), (fresh_py, None)):
+                    # read_all first: its own changed-rank loop, not the copy read() cached
+                    for snap in (*[s for s in reader.read_all() if s.dp_rank == rank], reader.read(rank)):
                         if snap is None or snap is before:
                             continue
                         assert snap.dp_rank == rank
@@ -171,7 +173,7 @@ def test_fuzzed_slot_never_yields_a_wrong_snapshot(data: st.DataObject) -> None:
                 # The publisher carries on after the damage and readers follow it again.
                 if rank == 0:
                     n = p0.publish(_snapshot(0, 1234))
-                    for reader in (warm, fresh):
+                    for reader in (warm, fresh, fresh_py):
                         now = reader.read(0)
                         assert now.seq == n and _same_values(now, _snapshot(0, 1234))
     finally:
@@ -216,9 +218,10 @@ def test_checksum_valid_garbage_is_never_served_and_never_raises(payload: bytes)
                 decoded = None
             acceptable = decoded is not None and decoded.dp_rank == 0
             fresh = ShmReader(path)
-            with warm, fresh:
-                for reader, before in ((warm, good), (fresh, None)):
-                    for snap in (reader.read(0), *reader.read_all()):
+            fresh_py = ShmReader(path, native=False)  # read_all's loop in Python, not C
+            with warm, fresh, fresh_py:
+                for reader, before in ((warm, good), (fresh, None), (fresh_py, None)):
+                    for snap in (*reader.read_all(), reader.read(0)):  # read_all's own loop first
                         if acceptable:
                             assert snap.seq == 2 and _same_values(snap, decoded)
                         else:

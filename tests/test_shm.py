@@ -64,6 +64,12 @@ def region() -> Iterator[Path]:
         leftover.unlink()
 
 
+@pytest.fixture(params=["native", "python"])
+def native(request: pytest.FixtureRequest) -> bool:
+    """Both read_all loops: loadsvc._shmfast (C) and the Python one (ShmReader(native=False))."""
+    return bool(request.param == "native")
+
+
 # --- snapshots that can be checked on their own ------------------------------------------
 
 
@@ -167,10 +173,17 @@ class Raw:
 # --- basics ------------------------------------------------------------------------------
 
 
-def test_publish_read_read_all(region: Path) -> None:
+def test_native_read_loop_is_built() -> None:
+    assert shm._native_read_changed is not None, (
+        "loadsvc._shmfast was not built: `pip install -e .` compiles it when gcc and the Python "
+        "headers are there (reinstall to see the compiler's error)")
+
+
+def test_publish_read_read_all(region: Path, native: bool) -> None:
     before = time.time_ns()
     with ShmPublisher(region, dp_size=4, dp_rank=2) as p2, \
-            ShmPublisher(region, dp_size=4, dp_rank=0) as p0, ShmReader(region) as reader:
+            ShmPublisher(region, dp_size=4, dp_rank=0) as p0, ShmReader(region, native=native) as reader:
+        assert reader.native is native
         assert reader.dp_size == 4 and reader.path == region
         assert reader.read_all() == [] and reader.read(1) is None
         assert p2.seq == 0
@@ -289,9 +302,9 @@ def test_freshness_bounds() -> None:
 # --- the reader's cache ------------------------------------------------------------------
 
 
-def test_unchanged_read_all_returns_the_same_list(region: Path) -> None:
+def test_unchanged_read_all_returns_the_same_list(region: Path, native: bool) -> None:
     with ShmPublisher(region, dp_size=3, dp_rank=0) as p0, \
-            ShmPublisher(region, dp_size=3, dp_rank=1) as p1, ShmReader(region) as reader:
+            ShmPublisher(region, dp_size=3, dp_rank=1) as p1, ShmReader(region, native=native) as reader:
         p0.publish(checkable(0, 1))
         p1.publish(checkable(1, 1))
         first = reader.read_all()
@@ -304,9 +317,9 @@ def test_unchanged_read_all_returns_the_same_list(region: Path) -> None:
         assert reader.read_all() is second
 
 
-def test_each_change_is_decoded_once(region: Path) -> None:
+def test_each_change_is_decoded_once(region: Path, native: bool) -> None:
     with ShmPublisher(region, dp_size=3, dp_rank=0) as p0, \
-            ShmPublisher(region, dp_size=3, dp_rank=2) as p2, ShmReader(region) as reader:
+            ShmPublisher(region, dp_size=3, dp_rank=2) as p2, ShmReader(region, native=native) as reader:
         decoded: list[bytes] = []
         real = reader._decode
 
@@ -352,8 +365,9 @@ def _stress_writer(path: str, rank: int, dp_size: int, ready: Any, go: Any, stop
     pub.close()
 
 
-def _stress_reader(path: str, ready: Any, go: Any, seconds: float, results: Any) -> None:
-    reader = ShmReader(path)
+def _stress_reader(path: str, ready: Any, go: Any, seconds: float, results: Any,
+                   native: bool = True) -> None:
+    reader = ShmReader(path, native=native)
     ready.put("reader")
     go.wait(60)
     last = [0] * reader.dp_size
@@ -411,8 +425,10 @@ def test_stress_writers_and_readers_see_no_torn_snapshot(region: Path) -> None:
     procs = [SPAWN.Process(target=_stress_writer,
                            args=(str(region), r, writers, ready, go, stop, seconds, 2_000_000, results, 0.0))
              for r in range(writers)]
-    procs += [SPAWN.Process(target=_stress_reader, args=(str(region), ready, go, seconds + 0.3, results))
-              for _ in range(readers)]
+    # Readers 0 and 2 read_all in C (loadsvc._shmfast), reader 1 in Python.
+    procs += [SPAWN.Process(target=_stress_reader,
+                            args=(str(region), ready, go, seconds + 0.3, results, i % 2 == 0))
+              for i in range(readers)]
     _run(procs, ready, go)
     got = [results.get(timeout=seconds + 60) for _ in procs]
     _join(procs)
@@ -499,8 +515,8 @@ def test_writer_killed_mid_stream(region: Path) -> None:
 # --- broken writers --------------------------------------------------------------------------
 
 
-def test_writer_paused_mid_write_does_not_stop_readers(region: Path) -> None:
-    with ShmPublisher(region, dp_size=2, dp_rank=0) as pub, ShmReader(region) as warm:
+def test_writer_paused_mid_write_does_not_stop_readers(region: Path, native: bool) -> None:
+    with ShmPublisher(region, dp_size=2, dp_rank=0) as pub, ShmReader(region, native=native) as warm:
         pub.publish(checkable(0, 1))
         pub.publish(checkable(0, 2))
         assert warm.read(0).seq == 2
@@ -512,14 +528,14 @@ def test_writer_paused_mid_write_does_not_stop_readers(region: Path) -> None:
             assert base != raw.buffer(0, 2)
             raw.q[base // 8] = 2 * 3 + 1
             raw.mm[base + shm.BUFFER_HEADER:base + shm.BUFFER_HEADER + 40] = b"\xc1" * 40
-            for reader in (warm, ShmReader(region)):
+            for reader in (warm, ShmReader(region, native=native)):
                 snaps = reader.read_all()
                 assert [s.seq for s in snaps] == [2] and violation(snaps[0], 0) is None
                 assert reader.read(0).seq == 2
                 assert reader.torn_retries == 0 and reader.unavailable == 0
             # The writer resumes: publish 3 completes and readers move on.
             assert pub.publish(checkable(0, 3)) == 3
-            fresh = ShmReader(region)
+            fresh = ShmReader(region, native=native)
             assert warm.read(0).seq == 3 and fresh.read_all()[0].seq == 3
             assert violation(fresh.read(0), 0) is None
             fresh.close()
@@ -571,6 +587,46 @@ def test_corrupt_buffers_are_never_returned(region: Path) -> None:
             assert pub.publish(checkable(0, 2)) == 2
             assert pub.publish(checkable(0, 3)) == 3
             assert reader.read(0).seq == 3 and violation(reader.read(0), 0) is None
+        finally:
+            raw.close()
+
+
+def test_read_all_never_returns_corrupt_buffers(region: Path, native: bool) -> None:
+    """The cases above through read_all (its changed-rank loop, in C or Python), never read() first."""
+    with ShmPublisher(region, dp_size=2, dp_rank=0) as pub, \
+            ShmPublisher(region, dp_size=2, dp_rank=1) as pub1, ShmReader(region, native=native) as reader:
+        pub.publish(checkable(0, 1))
+        pub1.publish(checkable(1, 1))
+        assert [s.seq for s in reader.read_all()] == [1, 1]
+        raw = Raw(region)
+        cases = [  # (what, write it, counter that must grow)
+            ("bad checksum", lambda: raw.write(0, 2, checkable(0, 2), crc=12345), "unavailable"),
+            ("garbage, valid checksum", lambda: raw.write(0, 2, b"\xc1\xc1 not msgpack"), "corrupt"),
+            ("another rank's snapshot", lambda: raw.write(0, 2, checkable(1, 2)), "corrupt"),
+            ("length past capacity", lambda: raw.write(0, 2, checkable(0, 2), length=raw.capacity + 1),
+             "unavailable"),
+            ("state odd (being written)", lambda: raw.write(0, 2, checkable(0, 2), state=5), "unavailable"),
+        ]
+        try:
+            for what, damage, counter in cases:
+                damage()
+                raw.set_seq(0, 2)
+                pub1.publish(checkable(1, pub1.seq + 1))  # rank 1 changes too, and is read
+                cold = ShmReader(region, native=native)  # never had a good copy of rank 0
+                for r, last_good in ((reader, [1]), (cold, [])):
+                    before = getattr(r, counter)
+                    snaps = r.read_all()
+                    assert [s.seq for s in snaps if s.dp_rank == 0] == last_good, what
+                    assert [s.seq for s in snaps if s.dp_rank == 1] == [pub1.seq], what
+                    assert all(violation(s, s.dp_rank) is None for s in snaps), what
+                    assert getattr(r, counter) > before, what
+                    before = getattr(r, counter)
+                    r.read_all()  # rank 0 is tried again on the next read_all, not taken as read
+                    assert getattr(r, counter) > before, what
+                cold.close()
+            raw.write(0, 2, checkable(0, 2))  # intact at last: read normally
+            assert [s.seq for s in reader.read_all()] == [2, pub1.seq]
+            assert violation(reader.read_all()[0], 0) is None
         finally:
             raw.close()
 

@@ -3,7 +3,9 @@
     phase                      what is timed (perf_counter_ns)
     uncontended publish        publish in a loop, one process
     read_all, nothing changed  read_all in a loop, one process
-    read_all, all changed      publish every rank (not timed), then one read_all
+    read_all, all changed      publish every rank (not timed), then one read_all;
+                               also with the Python loop (ShmReader(native=False)),
+                               for comparison, when loadsvc._shmfast is built
     contended publish          a writer process publishes every 0.5 ms for --seconds,
                                timing each publish, while --readers processes call
                                read_all in a loop; loadsvc first, then the baseline,
@@ -42,7 +44,7 @@ from typing import Any
 import msgspec
 
 from loadsvc.schema import LoadSnapshot, MemoryMetrics, QueueMetrics, to_dict
-from loadsvc.shm import ShmPublisher, ShmReader, default_path
+from loadsvc.shm import ShmPublisher, ShmReader, default_path, native_read_loop
 
 __all__ = ["run", "Baseline"]
 
@@ -310,6 +312,7 @@ def _uncontended(ours_path: Path, base_path: Path, ranks: int) -> dict[str, tupl
     """Medians over REPEATS of the mean per call, (loadsvc, baseline), for the three in-process rows."""
     pubs = [ShmPublisher(ours_path, dp_size=ranks, dp_rank=r) for r in range(ranks)]
     reader = ShmReader(ours_path)
+    python_reader = ShmReader(ours_path, native=False)
     base = Baseline(base_path, ranks, create=True)
     base_reader = Baseline(base_path, ranks)
     try:
@@ -341,7 +344,9 @@ def _uncontended(ours_path: Path, base_path: Path, ranks: int) -> dict[str, tupl
         base_publish_all()
         if len(reader.read_all()) != ranks or len(base_reader.read_all()) != ranks:
             raise RuntimeError("bench set-up: not every rank reads back")
-        samples: dict[str, list[float]] = {k: [] for k in ("pub", "bpub", "ru", "bru", "rc", "brc")}
+        if python_reader.read_all() != reader.read_all():
+            raise RuntimeError("bench set-up: read_all in C and in Python differ")
+        samples: dict[str, list[float]] = {k: [] for k in ("pub", "bpub", "ru", "bru", "rc", "brc", "rcp")}
         for _ in range(REPEATS):
             samples["pub"].append(_mean_us(ours_publish, UNCONTENDED_CALLS))
             samples["bpub"].append(_mean_us(base_publish, UNCONTENDED_CALLS))
@@ -351,14 +356,20 @@ def _uncontended(ours_path: Path, base_path: Path, ranks: int) -> dict[str, tupl
             samples["rc"].append(_read_all_changed_us(ours_publish_all, reader.read_all, ALL_CHANGED_ROUNDS))
             samples["brc"].append(_read_all_changed_us(base_publish_all, base_reader.read_all,
                                                        ALL_CHANGED_ROUNDS))
+            samples["rcp"].append(_read_all_changed_us(ours_publish_all, python_reader.read_all,
+                                                       ALL_CHANGED_ROUNDS))
         med = {k: statistics.median(v) for k, v in samples.items()}
-        return {"publish, uncontended (µs)": (med["pub"], med["bpub"]),
-                "read_all, nothing changed (µs)": (med["ru"], med["bru"]),
-                "read_all, every rank changed (µs)": (med["rc"], med["brc"])}
+        out = {"publish, uncontended (µs)": (med["pub"], med["bpub"]),
+               "read_all, nothing changed (µs)": (med["ru"], med["bru"]),
+               "read_all, every rank changed (µs)": (med["rc"], med["brc"])}
+        if reader.native:  # the same row without loadsvc._shmfast, for comparison (no target)
+            out["read_all, every rank changed, Python loop (µs)"] = (med["rcp"], med["brc"])
+        return out
     finally:
         for pub in pubs:
             pub.close()
         reader.close()
+        python_reader.close()
         base.close()
         base_reader.close()
 
@@ -376,6 +387,9 @@ def run(args: Any) -> int:
     sample = snapshot(0)
     console.print(f"payload: loadsvc {len(msgspec.msgpack.encode(sample))} B (msgpack array), "
                   f"baseline {len(msgspec.msgpack.encode(to_map_struct(sample)))} B (msgpack map)")
+    console.print("read_all's changed-rank loop: " + (
+        "C (loadsvc._shmfast)" if native_read_loop() else
+        "[yellow]Python (loadsvc._shmfast was not built: no C compiler at install?)[/]"))
 
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     base_dir = default_path().parent
