@@ -91,6 +91,12 @@ read_changed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         goto error;
 
     for (Py_ssize_t r = 0; r < ranks; r++) {
+        /* decode is a Python callable: never trust the lists' sizes across a call. */
+        if (PyList_GET_SIZE(cache) != ranks || PyList_GET_SIZE(cache_seq) != ranks ||
+            PyList_GET_SIZE(buffers) != 2 * ranks) {
+            PyErr_SetString(PyExc_RuntimeError, "read_changed: a list changed size during the read");
+            goto error;
+        }
         unsigned long long n = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(seqs, r));
         unsigned long long cached = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(cache_seq, r));
         if (PyErr_Occurred())
@@ -153,8 +159,13 @@ read_changed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
             goto error;
         }
         Py_DECREF(t_obj);
-        PyList_SetItem(cache, r, snap);      /* steals snap, releases the old copy */
-        PyList_SetItem(cache_seq, r, n_obj); /* steals n_obj */
+        /* Both steal the reference (also on failure); the old entries are released. */
+        if (PyList_SetItem(cache, r, snap) < 0) {
+            Py_DECREF(n_obj);
+            goto error;
+        }
+        if (PyList_SetItem(cache_seq, r, n_obj) < 0)
+            goto error;
         continue;
     slow_path:;
         PyObject *rank_index = PyLong_FromSsize_t(r);

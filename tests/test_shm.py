@@ -179,6 +179,24 @@ def test_native_read_loop_is_built() -> None:
         "headers are there (reinstall to see the compiler's error)")
 
 
+def test_native_read_loop_rejects_bad_arguments(region: Path) -> None:
+    read_changed = shm._native_read_changed
+    assert read_changed is not None
+    with ShmPublisher(region, dp_size=2, dp_rank=0) as pub, ShmReader(region) as reader:
+        pub.publish(checkable(0, 1))
+        args = (reader._mm, (1, 0), [None, None], [0, 0], reader._buffers, reader.payload_capacity,
+                reader._decode)
+        with pytest.raises(ValueError, match="disagree on the rank count"):
+            read_changed(args[0], (1, 0, 0), *args[2:])
+        with pytest.raises(TypeError, match="seqs must be a tuple"):
+            read_changed(args[0], [1, 0], *args[2:])
+        with pytest.raises(TypeError, match=r"read_changed\(region, seqs"):
+            read_changed(*args[:6])
+        cache: list[Any] = [None, None]
+        assert read_changed(args[0], args[1], cache, [0, 0], *args[4:]) == []  # rank 0 read, rank 1 unchanged
+        assert cache[0].seq == 1 and violation(cache[0], 0) is None and cache[1] is None
+
+
 def test_publish_read_read_all(region: Path, native: bool) -> None:
     before = time.time_ns()
     with ShmPublisher(region, dp_size=4, dp_rank=2) as p2, \
