@@ -14,9 +14,11 @@
  *   must name rank r.
  *
  * Here the state words are read with acquire loads and an acquire fence sits
- * between the copy and the second state load, so the seqlock is exact on any
- * CPU; the checksum is still verified (it is also what catches corrupt files).
- * No lock, no syscall.
+ * between the copy and the second state load, so the reader's side of the
+ * seqlock is ordered on any CPU. The writer is Python, with no release fences:
+ * on a weakly ordered CPU its stores may still become visible out of order, so
+ * the checksum decides there, as in the Python loop (it is also what catches
+ * corrupt files). No lock, no syscall.
  *
  * Anything unusual (torn, wrong length, bad checksum, undecodable, wrong rank)
  * is not handled here: the rank is returned to the caller, whose Python path
