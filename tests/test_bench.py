@@ -67,5 +67,9 @@ def test_bench_grpc_runs_one_process_and_workers() -> None:
     assert cells("serve exit code after SIGTERM")[1:3] == ["0", "0"]
     p99 = cells("GetLoads p99, 32 callers polling")
     assert all(re.fullmatch(r"\d+\.\d{3} ms", c) for c in p99[1:3]), p99
+    assert re.fullmatch(r"\d+\.\d{3} ms", p99[3]), p99  # the floor, polled in turn
     assert p99[-1] in ("met", "not met") and cells("publish-to-delivery p99")[-1] in ("met", "not met")
+    each = cells("GetLoads p99, polling, each run")
+    assert all(re.fullmatch(r"\d+\.\d\d / \d+\.\d\d / \d+\.\d\d", c) for c in each[1:4]), each
+    assert re.fullmatch(r"\d+\.\d\dx", cells("judged server / floor")[1]), cells("judged server / floor")
     assert list(default_path().parent.glob(f"loadsvc-bench-grpc-{proc.pid}-*")) == []
