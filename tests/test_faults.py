@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import functools
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import conftest
 from conftest import ServeProcess
 from loadsvc import LoadSnapshot, ShmPublisher, ShmReader
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
@@ -44,15 +46,8 @@ HEALTHY = pb.LoadStatus.Value("LOAD_STATUS_HEALTHY")
 STALE = pb.LoadStatus.Value("LOAD_STATUS_STALE")
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+# conftest's wait_for, polling every 20 ms.
+wait_for = functools.partial(conftest.wait_for, interval=0.02)
 
 
 class Simulator:

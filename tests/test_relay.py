@@ -7,6 +7,7 @@ with ShmReader.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import zmq
 import zmq.auth
 from prometheus_client import CollectorRegistry
 
+import conftest
 from conftest import free_port
 from loadsvc import relay
 from loadsvc.relay import FRAME_HEADER, Collector, ZmqPublisher, encode_frame, generate_keys
@@ -29,16 +31,8 @@ from loadsvc.shm import ShmPublisher, ShmReader, create_region
 DP = 4
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> object:
-    """Poll predicate every 5 ms until it returns something truthy (bounded in time)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
+# conftest's wait_for, polling every 5 ms (relay deliveries take milliseconds).
+wait_for = functools.partial(conftest.wait_for, interval=0.005)
 
 
 def snap(rank: int, running: int = 1, **kw: object) -> object:
