@@ -2,11 +2,13 @@
 
     publisher process --ShmPublisher x 8--> fresh region --> `loadsvc serve` subprocess(es)
                                                                |  free loopback ports
-    (a) unary:  CALLER_PROCS processes, 32 grpc.aio callers in all, each on its own
-                connection, GetLoads (8 ranks, every section) for --seconds, closed
-                loop, and polling every 50 ms (POLL_REPEATS runs; on the judged
-                server each run alternates with one against the floor, a bare
-                grpc.aio server returning the same bytes); per-call latency
+    (a) unary:  32 callers, each on its own connection, GetLoads (8 ranks, every
+                section) for --seconds, polling every 50 ms (POLL_REPEATS runs; on
+                the judged server each run alternates with one against the floor,
+                a bare grpc.aio server returning the same bytes); per-call latency.
+                Go callers (gocall.py, grpc-go in one process: how a Go router
+                sees the server) are judged; grpc.aio callers (CALLER_PROCS
+                processes) are shown too, and alone run the closed loop.
     (b) watch:  WATCH_PROCS processes, --subscribers WatchLoads streams in all, over
                 connections of STREAMS_PER_CHANNEL streams; rank 0 publishes every
                 100 ms for --seconds; latency = receive time - publish_time_ns in the
@@ -18,8 +20,8 @@ one-process rows show what the workers buy.
 
 Every subscriber must end on the last published sequence of rank 0 (a slow
 subscriber may skip intermediate states by design; the share delivered is shown).
-Targets (issue 3): GetLoads p99 < 2 ms; WatchLoads p99 < 100 ms and every
-subscriber sees the final state.
+Targets (issue 3): GetLoads p99 < 2 ms (Go callers; the Python ones when Go is
+missing); WatchLoads p99 < 100 ms and every subscriber sees the final state.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import time
 import uuid
 from typing import Any
 
-from loadsvc.bench import (cpu_model, cpu_seconds, free_port, percentile, process_tree, reap, stop_process,
+from loadsvc.bench import (cpu_model, cpu_seconds, free_port, gocall, percentile, process_tree, reap, stop_process,
                            wait_listening)
 from loadsvc.shm import default_path
 
@@ -52,6 +54,7 @@ STREAMS_PER_CHANNEL = 10  # 500 subscribers = 50 connections, as from many route
 # Each client channel gets its own connection: channels of one process otherwise
 # share one (gRPC's global subchannel pool), and with --grpc-workers the kernel
 # spreads connections, not calls, over the servers.
+CLIENT_NAME = {"go": "Go callers", "python": "Python callers"}  # grpc-go / grpc.aio
 CLIENT_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
 PUBLISH_PERIOD = 0.1  # rank 0 changes every 100 ms
 WARMUP = 1.0  # seconds of unary calls not counted
@@ -307,6 +310,28 @@ def _unary_phase(ctx: Any, target: str, seconds: float, cpu_pids: list[int],
     return {"lat": lat, "errors": sum(r["errors"] for r in results), "rps": len(lat) / seconds, "cpu": cpu}
 
 
+def _go_phase(binary: Any, target: str, seconds: float, cpu_pids: list[int], period: float) -> dict[str, Any]:
+    """CALLERS Go callers polling every period s (one process, a connection each); the same shape as
+    _unary_phase. The last response must decode to RANKS ranks, or it counts as an error."""
+    from google.protobuf.message import DecodeError
+
+    from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
+
+    cpu0 = _cpu(cpu_pids)
+    r = gocall.poll(binary, target, callers=CALLERS, period=period, seconds=seconds, warmup=WARMUP)
+    cpu = (_cpu(cpu_pids) - cpu0) / (seconds + WARMUP)
+    errors = r["errors"]
+    try:
+        ranks = len(pb.GetLoadsResponse.FromString(r["last"]).loads)
+    except DecodeError:
+        ranks = -1
+    if ranks != RANKS:
+        errors += 1
+        r["error_sample"] = f"the last response held {ranks} ranks, not {RANKS}"
+    return {"lat": r["lat"], "errors": errors, "rps": len(r["lat"]) / seconds, "cpu": cpu,
+            "error_sample": r["error_sample"]}
+
+
 def _watch_phase(ctx: Any, target: str, subscribers: int, seconds: float, cpu_pids: list[int],
                  commands: Any, pub_result: Any) -> dict[str, Any]:
     """subscribers WatchLoads streams over WATCH_PROCS processes while rank 0 publishes for seconds."""
@@ -402,8 +427,20 @@ def run(args: argparse.Namespace) -> int:
         assert pub_result.get(timeout=30)[0] == "published"
         configs = [1] + ([workers] if workers > 1 else [])
         judged = configs[-1]  # the targets are judged on serve as configured for this machine
+        go_binary, go_missing = gocall.build()
+        if go_binary is None:
+            console.print(f"[yellow]no Go callers[/yellow]: {go_missing}\n"
+                          "GetLoads latency is judged with the Python callers instead")
+        clients = (["go"] if go_binary is not None else []) + ["python"]
+        judged_client = clients[0]
+
+        def poll(client: str, target: str, pids: list[int]) -> dict[str, Any]:
+            if client == "go":
+                return _go_phase(go_binary, target, seconds, pids, POLL_PERIOD)
+            return _unary_phase(ctx, target, seconds, pids, period=POLL_PERIOD)
+
         res: dict[int, dict[str, Any]] = {}
-        floor_polls: list[dict[str, Any]] = []
+        floor_polls: dict[str, list[dict[str, Any]]] = {c: [] for c in clients}
         floor: Any = None
         for n in configs:
             server = _Server(str(shm), n)
@@ -426,12 +463,14 @@ def run(args: argparse.Namespace) -> int:
                 r["closed"] = _unary_phase(ctx, server.target, seconds, server.pids)
             with_floor = " and the floor, in turn" if n == judged else ""
             console.print(f"(a) GetLoads: {CALLERS} callers each polling every {POLL_PERIOD * 1000:g} ms "
-                          f"(open loop, how routers call it), {POLL_REPEATS} x {seconds:g} s{with_floor} ...")
-            r["polling"] = []
+                          f"(open loop, how routers call it), {' and '.join(CLIENT_NAME[c] for c in clients)}, "
+                          f"{POLL_REPEATS} x {seconds:g} s each{with_floor} ...")
+            r["polling"] = {c: [] for c in clients}
             for _ in range(POLL_REPEATS):
-                r["polling"].append(_unary_phase(ctx, server.target, seconds, server.pids, period=POLL_PERIOD))
-                if n == judged:
-                    floor_polls.append(_unary_phase(ctx, floor_target, seconds, [floor.pid], period=POLL_PERIOD))
+                for c in clients:
+                    r["polling"][c].append(poll(c, server.target, server.pids))
+                    if n == judged:
+                        floor_polls[c].append(poll(c, floor_target, [floor.pid]))
             console.print(f"(b) WatchLoads: {subscribers} subscribers in {WATCH_PROCS} processes, rank 0 "
                           f"every {PUBLISH_PERIOD * 1000:g} ms for {seconds:g} s ...")
             r["watch"] = _watch_phase(ctx, server.target, subscribers, seconds, server.pids, commands,
@@ -464,7 +503,8 @@ def run(args: argparse.Namespace) -> int:
         return "[green]met[/green]" if ok else "[red]not met[/red]"
 
     table = Table(title=f"loadsvc bench grpc: {RANKS} ranks, every section, one `loadsvc serve` "
-                        f"(judged: {'one process' if judged == 1 else f'--grpc-workers {judged}'})")
+                        f"(judged: {'one process' if judged == 1 else f'--grpc-workers {judged}'}, "
+                        f"{CLIENT_NAME[judged_client]})")
     table.add_column("measure", justify="left")
     for n in configs:
         table.add_column("1 process" if n == 1 else f"{n} workers", justify="right")
@@ -477,30 +517,39 @@ def run(args: argparse.Namespace) -> int:
     def median_of(runs: list[dict[str, Any]], q: float) -> float:
         return statistics.median(percentile(x["lat"], q) for x in runs)
 
-    polls = [res[n]["polling"] for n in configs]
-    pp99 = median_of(res[judged]["polling"], 99)
-    fp99 = median_of(floor_polls, 99)
-    rps = statistics.median(x["rps"] for x in polls[-1])
-    row(f"GetLoads p50, {CALLERS} callers polling every {POLL_PERIOD * 1000:g} ms (median of "
-        f"{POLL_REPEATS} runs)", [ms(median_of(p, 50)) for p in polls], ms(median_of(floor_polls, 50)))
-    row(f"GetLoads p99, {CALLERS} callers polling ({rps:,.0f} calls/s; median of {POLL_REPEATS} runs)",
-        [ms(median_of(p, 99)) for p in polls], ms(fp99), f"< {TARGET_UNARY_P99_MS:g} ms",
-        verdict(pp99 * 1e3 < TARGET_UNARY_P99_MS))
-    row("GetLoads p99, polling, each run", [" / ".join(f"{percentile(x['lat'], 99) * 1e3:.2f}" for x in p)
-                                            for p in polls],
-        " / ".join(f"{percentile(x['lat'], 99) * 1e3:.2f}" for x in floor_polls))
-    row("GetLoads p99, polling, judged server / floor (same run, in turn)",
-        ["" for _ in configs[:-1]] + [f"{pp99 / fp99:.2f}x" if fp99 > 0 else "n/a"])
-    row("GetLoads max, polling", [ms(max((x["lat"][-1] for x in p if x["lat"]), default=float("nan")))
-                                  for p in polls])
-    row("GetLoads errors, polling", [str(sum(x["errors"] for x in p)) for p in polls],
-        str(sum(x["errors"] for x in floor_polls)), "0",
-        verdict(all(x["errors"] == 0 for p in polls for x in p)))
-    row("server CPU while polling", [f"{statistics.median(x['cpu'] for x in p) * 100:.0f} %" for p in polls],
-        f"{statistics.median(x['cpu'] for x in floor_polls) * 100:.0f} %")
+    for c in clients:
+        polls = [res[n]["polling"][c] for n in configs]
+        fpolls = floor_polls[c]
+        pp99 = median_of(res[judged]["polling"][c], 99)
+        fp99 = median_of(fpolls, 99)
+        rps = statistics.median(x["rps"] for x in polls[-1])
+        judged_here = c == judged_client
+        who = f"{CALLERS} {CLIENT_NAME[c]}"
+        row(f"GetLoads p50, {who} polling every {POLL_PERIOD * 1000:g} ms (median of {POLL_REPEATS} runs)",
+            [ms(median_of(p, 50)) for p in polls], ms(median_of(fpolls, 50)))
+        row(f"GetLoads p99, {who} polling ({rps:,.0f} calls/s; median of {POLL_REPEATS} runs)"
+            + ("" if judged_here else ", not judged"),
+            [ms(median_of(p, 99)) for p in polls], ms(fp99),
+            f"< {TARGET_UNARY_P99_MS:g} ms" if judged_here else "",
+            verdict(pp99 * 1e3 < TARGET_UNARY_P99_MS) if judged_here else "")
+        row(f"GetLoads p99, {CLIENT_NAME[c]}, each run (ms)",
+            [" / ".join(f"{percentile(x['lat'], 99) * 1e3:.2f}" for x in p) for p in polls],
+            " / ".join(f"{percentile(x['lat'], 99) * 1e3:.2f}" for x in fpolls))
+        row(f"GetLoads p99, {CLIENT_NAME[c]}, judged server / floor (same run, in turn)",
+            ["" for _ in configs[:-1]] + [f"{pp99 / fp99:.2f}x" if fp99 > 0 else "n/a"])
+        row(f"GetLoads max, {CLIENT_NAME[c]}", [ms(max((x["lat"][-1] for x in p if x["lat"]), default=float("nan")))
+                                                for p in polls])
+        row(f"GetLoads errors, {CLIENT_NAME[c]}", [str(sum(x["errors"] for x in p)) for p in polls],
+            str(sum(x["errors"] for x in fpolls)), "0",
+            verdict(all(x["errors"] == 0 for p in polls for x in p)))
+        row(f"server CPU while {CLIENT_NAME[c]} poll",
+            [f"{statistics.median(x['cpu'] for x in p) * 100:.0f} %" for p in polls],
+            f"{statistics.median(x['cpu'] for x in fpolls) * 100:.0f} %")
+    if go_binary is None:
+        row("GetLoads, Go callers", ["not run" for _ in configs], "", "", "see below")
     closed, flat = res[1]["closed"], floor_unary["lat"]
     blank = [""] * (len(configs) - 1)
-    row(f"GetLoads p50, {CALLERS} callers closed loop (saturated)", [ms(percentile(closed["lat"], 50)), *blank],
+    row(f"GetLoads p50, {CALLERS} {CLIENT_NAME['python']} closed loop (saturated)", [ms(percentile(closed["lat"], 50)), *blank],
         ms(percentile(flat, 50)))
     row("GetLoads p99, closed loop (saturated: queueing, see below)", [ms(percentile(closed["lat"], 99)), *blank],
         ms(percentile(flat, 99)))
@@ -538,6 +587,17 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"floor: the same {CALLERS} callers against a grpc.aio server whose GetLoads returns the "
                   "same bytes and does nothing else (what gRPC Python costs on this machine); polled in turn "
                   f"with the judged server, {POLL_REPEATS} runs each.")
+    console.print(f"callers: the < {TARGET_UNARY_P99_MS:g} ms target is judged with {CLIENT_NAME[judged_client]}. "
+                  "Go callers (loadsvc/bench/gocaller: grpc-go, one process, a connection each) time the "
+                  "calls as a Go router would; Python callers (grpc.aio, 2 processes) add their own cost on "
+                  "the same CPUs to every call they time, and are shown for comparison.")
+    if go_binary is None:
+        console.print(f"[yellow]Go callers not run[/yellow]: {go_missing}")
+    for c in clients:
+        for x in [*(res[n]["polling"][c] for n in configs), floor_polls[c]]:
+            for run_ in x:
+                if run_.get("error_sample"):
+                    console.print(f"[red]{CLIENT_NAME[c]} error[/red]: {run_['error_sample']}")
     console.print(f"load average after the run: {_loadavg()} (other processes on the machine skew every figure)")
     for x in watches:
         for e in x["errors"][:5]:
