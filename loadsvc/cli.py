@@ -272,9 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("rest", help="REST /v1/loads under wrk against a baseline endpoint")
     b.add_argument("--seconds", type=_positive_int, default=10)
     b.add_argument("--connections", type=_positive_int, default=32)
-    b = bsub.add_parser("grpc", help="GetLoads latency and WatchLoads fan-out")
-    b.add_argument("--subscribers", type=_positive_int, default=500)
-    b.add_argument("--seconds", type=_positive_float, default=10.0)
+    b = bsub.add_parser("grpc", help="GetLoads latency and WatchLoads fan-out",
+                        description="GetLoads latency (32 callers polling; judged with Go callers built from "
+                                    "Debian's golang-go and golang-google-grpc-dev, or Python ones without "
+                                    "them) and WatchLoads fan-out, against `loadsvc serve` as one process and "
+                                    "with --grpc-workers.")
+    b.add_argument("--subscribers", type=_positive_int, default=500, help="WatchLoads streams (default %(default)s)")
+    b.add_argument("--seconds", type=_positive_float, default=10.0, help="length of each measured phase "
+                                                                         "(default %(default)s)")
     b.add_argument("--workers", type=_positive_int, default=None,
                    help="--grpc-workers of the second server measured (default: one per core)")
     b = bsub.add_parser("relay", help="ZMQ publish to WatchLoads delivery across network namespaces")

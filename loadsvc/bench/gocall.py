@@ -1,8 +1,9 @@
-"""GetLoads callers in Go, for `loadsvc bench grpc`: a router's view of the server's latency.
+"""GetLoads callers and WatchLoads subscribers in Go, for `loadsvc bench grpc`: a router's view.
 
-Routers are written in Rust, Go or Node; a Python grpc.aio caller on the same two
-vCPUs adds its own cost to every call it times (about 0.5 ms at p50 on the
-development VM), so the unary target is judged with these callers.
+Routers are written in Rust, Go or Node; a Python grpc.aio client on the same two
+vCPUs adds its own cost to everything it times (about 0.5 ms per GetLoads at p50,
+and tens of ms of WatchLoads fan-out, on the development VM), so the targets are
+judged with these clients.
 
 The program is loadsvc/bench/gocaller/main.go, built against Debian's packaged
 grpc-go in GOPATH mode (no module download: `apt-get install golang-go
@@ -17,13 +18,14 @@ import base64
 import hashlib
 import json
 import os
+import select
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INSTALL_HINT", "build", "poll"]
+__all__ = ["INSTALL_HINT", "Watchers", "build", "poll"]
 
 SOURCE = Path(__file__).with_name("gocaller") / "main.go"
 GOPATH = "/usr/share/gocode"  # where Debian's golang-*-dev packages put Go sources
@@ -82,3 +84,54 @@ def poll(binary: Path, target: str, *, callers: int, period: float, seconds: flo
     out = json.loads(proc.stdout)
     return {"lat": sorted(ns / 1e9 for ns in out["latencies_ns"]), "errors": out["errors"],
             "error_sample": out["error_sample"], "last": base64.b64decode(out["last"] or "")}
+
+
+class Watchers:
+    """WatchLoads streams in one Go process: start them, wait_ready(), then finish(final_seq).
+
+    finish returns {"lat": sorted ms, "reached": n, "delivered": n, "errors": n, "error_sample": str};
+    a latency is a new rank-0 sequence's receive time minus its publish_time_ns."""
+
+    def __init__(self, binary: Path, target: str, subscribers: int, *, per_conn: int = 10,
+                 settle: float = 5.0, request: bytes = b"") -> None:
+        self.settle = settle
+        self.proc = subprocess.Popen(
+            [str(binary), "-target", target, "-watch", str(subscribers), "-per-conn", str(per_conn),
+             "-settle", f"{settle * 1e3:.0f}ms", "-request-hex", request.hex()],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until every stream has had its first message (RuntimeError past timeout or on exit)."""
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
+        if line.strip() != "ready":
+            if ready:  # end of output: the program is exiting
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+            why = self._stderr()
+            self.close()
+            raise RuntimeError(f"Go watchers not ready within {timeout:g} s: {why}")
+
+    def finish(self, final_seq: int) -> dict[str, Any]:
+        try:
+            out, err = self.proc.communicate(f"{final_seq}\n", timeout=self.settle + 60)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise RuntimeError("Go watchers did not finish") from None
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"Go watchers exited {self.proc.returncode}: {err.strip()[-1500:]}")
+        r = json.loads(out)
+        return {"lat": sorted(ns / 1e6 for ns in r["latencies_ns"]), "reached": r["reached"],
+                "delivered": r["delivered"], "errors": r["errors"], "error_sample": r["error_sample"]}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def _stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "still waiting for the first message of every stream"
+        return (self.proc.stderr.read() if self.proc.stderr else "").strip()[-1500:]
