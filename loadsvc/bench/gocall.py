@@ -86,6 +86,16 @@ def poll(binary: Path, target: str, *, callers: int, period: float, seconds: flo
             "error_sample": out["error_sample"], "last": base64.b64decode(out["last"] or "")}
 
 
+def _watch_fields() -> str:
+    """The field numbers the Go watchers read, from the generated code (declared in proto/ only)."""
+    from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
+
+    snapshot = pb.LoadSnapshot.DESCRIPTOR.fields_by_name
+    numbers = {"loads": pb.GetLoadsResponse.DESCRIPTOR.fields_by_name["loads"].number,
+               **{name: snapshot[name].number for name in ("dp_rank", "seq", "publish_time_ns")}}
+    return ",".join(f"{name}={number}" for name, number in numbers.items())
+
+
 class Watchers:
     """WatchLoads streams in one Go process: start them, wait_ready(), then finish(final_seq).
 
@@ -97,7 +107,7 @@ class Watchers:
         self.settle = settle
         self.proc = subprocess.Popen(
             [str(binary), "-target", target, "-watch", str(subscribers), "-per-conn", str(per_conn),
-             "-settle", f"{settle * 1e3:.0f}ms", "-request-hex", request.hex()],
+             "-settle", f"{settle * 1e3:.0f}ms", "-request-hex", request.hex(), "-fields", _watch_fields()],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float) -> None:

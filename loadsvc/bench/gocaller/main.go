@@ -10,7 +10,8 @@
 // rank). Output, on stdout, one JSON object:
 // {"latencies_ns": [...], "errors": n, "error_sample": "...", "last": base64}.
 //
-// Watching (-watch N): N WatchLoads streams, -per-conn streams per connection.
+// Watching (-watch N): N WatchLoads streams, -per-conn streams per connection;
+// -fields gives the field numbers it reads (see fieldNumbers).
 // Once every stream has had its first message it prints "ready" on stdout (or
 // exits 2 naming the error when a stream ended before its first message); it
 // then reads the final sequence of rank 0 from stdin, waits until every stream
@@ -51,13 +52,41 @@ func (rawCodec) Unmarshal(data []byte, v interface{}) error {
 
 func (rawCodec) Name() string { return "proto" }
 
-// Field numbers from proto/loadsvc/v1/loads.proto.
-const (
-	fieldLoads         = 4   // GetLoadsResponse.loads
-	fieldDpRank        = 1   // LoadSnapshot.dp_rank
-	fieldPublishTimeNs = 101 // LoadSnapshot.publish_time_ns
-	fieldSeq           = 102 // LoadSnapshot.seq
-)
+// fieldNumbers are the numbers watching reads, given by -fields (gocall.py takes
+// them from the generated Python code, so that they are declared in proto/ only):
+// GetLoadsResponse.loads and LoadSnapshot.dp_rank, seq and publish_time_ns.
+type fieldNumbers struct {
+	loads, dpRank, seq, publishTimeNs uint64
+}
+
+func parseFields(text string) (fieldNumbers, error) {
+	var f fieldNumbers
+	if text == "" {
+		return f, fmt.Errorf("required: loads=N,dp_rank=N,seq=N,publish_time_ns=N")
+	}
+	slots := map[string]*uint64{"loads": &f.loads, "dp_rank": &f.dpRank, "seq": &f.seq,
+		"publish_time_ns": &f.publishTimeNs}
+	for _, item := range strings.Split(text, ",") {
+		name, number := item, ""
+		if i := strings.IndexByte(item, '='); i >= 0 {
+			name, number = item[:i], item[i+1:]
+		}
+		slot, known := slots[name]
+		if !known {
+			return f, fmt.Errorf("unknown field %q (want loads, dp_rank, seq, publish_time_ns)", name)
+		}
+		n, err := strconv.ParseUint(number, 10, 32)
+		if err != nil || n == 0 {
+			return f, fmt.Errorf("field %s: %q is not a field number", name, number)
+		}
+		*slot = n
+		delete(slots, name)
+	}
+	if len(slots) > 0 {
+		return f, fmt.Errorf("missing field numbers in %q", text)
+	}
+	return f, nil
+}
 
 func fail(format string, args ...interface{}) {
 	fmt.Fprintf(os.Stderr, "gocaller: "+format+"\n", args...)
@@ -97,6 +126,7 @@ func main() {
 	watchers := flag.Int("watch", 0, "watch with this many WatchLoads streams instead of polling")
 	perConn := flag.Int("per-conn", 10, "watching: streams per connection")
 	settle := flag.Duration("settle", 5*time.Second, "watching: how long streams get to reach the final sequence")
+	fieldsText := flag.String("fields", "", "watching: loads=N,dp_rank=N,seq=N,publish_time_ns=N (field numbers)")
 	flag.Parse()
 	request, err := hex.DecodeString(*requestHex)
 	if err != nil {
@@ -106,7 +136,11 @@ func main() {
 		if *perConn < 1 || *settle < 0 {
 			fail("-per-conn must be >= 1, -settle >= 0")
 		}
-		watch(*target, request, *watchers, *perConn, *settle)
+		numbers, err := parseFields(*fieldsText)
+		if err != nil {
+			fail("-fields: %v", err)
+		}
+		watch(*target, request, numbers, *watchers, *perConn, *settle)
 		return
 	}
 	if *callers < 1 || *period <= 0 || *duration <= 0 || *warmup < 0 {
@@ -222,22 +256,22 @@ func fields(data []byte, visit func(field, wireType, value uint64, raw []byte)) 
 }
 
 // rank0 returns (seq, publish_time_ns) of rank 0 in a serialized GetLoadsResponse.
-func rank0(data []byte) (uint64, int64, error) {
+func rank0(data []byte, f fieldNumbers) (uint64, int64, error) {
 	found := false
 	var seq, published uint64
 	var inner error
 	err := fields(data, func(field, wireType, _ uint64, raw []byte) {
-		if found || inner != nil || field != fieldLoads || wireType != proto.WireBytes {
+		if found || inner != nil || field != f.loads || wireType != proto.WireBytes {
 			return
 		}
 		var rank, s, p uint64
 		inner = fields(raw, func(field, wireType, value uint64, _ []byte) {
 			switch field {
-			case fieldDpRank:
+			case f.dpRank:
 				rank = value
-			case fieldSeq:
+			case f.seq:
 				s = value
-			case fieldPublishTimeNs:
+			case f.publishTimeNs:
 				p = value
 			}
 		})
@@ -262,7 +296,7 @@ type watchResult struct {
 	ErrorSample string  `json:"error_sample"`
 }
 
-func watch(target string, request []byte, subscribers, perConn int, settle time.Duration) {
+func watch(target string, request []byte, numbers fieldNumbers, subscribers, perConn int, settle time.Duration) {
 	conns := dial(target, (subscribers+perConn-1)/perConn)
 	ctx, cancel := context.WithCancel(context.Background())
 	last := make([]uint64, subscribers) // atomic: the latest rank-0 sequence each stream saw
@@ -297,7 +331,7 @@ func watch(target string, request []byte, subscribers, perConn int, settle time.
 					break
 				}
 				now := time.Now().UnixNano()
-				seq, published, perr := rank0(message)
+				seq, published, perr := rank0(message, numbers)
 				if perr != nil {
 					err = perr
 					break
