@@ -29,8 +29,6 @@ def machine_summary() -> str:
 
 def free_port() -> int:
     """A TCP port nobody listens on at 127.0.0.1 right now."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

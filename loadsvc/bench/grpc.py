@@ -334,6 +334,18 @@ def _go_phase(binary: Any, target: str, seconds: float, cpu_pids: list[int], per
             "error_sample": r["error_sample"]}
 
 
+def _publishing(seconds: float, cpu_pids: list[int], client_pids: list[int], commands: Any,
+                pub_result: Any) -> tuple[int, int, float, float]:
+    """Rank 0 publishes every PUBLISH_PERIOD for seconds (the publisher process); (its last sequence,
+    publishes, CPU share of cpu_pids, CPU share of client_pids) over that time."""
+    cpu0, client0 = _cpu(cpu_pids), _cpu(client_pids)
+    t0 = time.monotonic()
+    commands.put(("run", seconds))
+    _, final_seq, published = pub_result.get(timeout=seconds + 30)
+    elapsed = time.monotonic() - t0
+    return final_seq, published, (_cpu(cpu_pids) - cpu0) / elapsed, (_cpu(client_pids) - client0) / elapsed
+
+
 def _watch_phase(ctx: Any, target: str, subscribers: int, seconds: float, cpu_pids: list[int],
                  commands: Any, pub_result: Any) -> dict[str, Any]:
     """subscribers WatchLoads streams over WATCH_PROCS processes while rank 0 publishes for seconds."""
@@ -347,11 +359,7 @@ def _watch_phase(ctx: Any, target: str, subscribers: int, seconds: float, cpu_pi
     try:
         for _ in watchers:
             ready_q.get(timeout=120)
-        cpu0 = _cpu(cpu_pids)
-        t0 = time.monotonic()
-        commands.put(("run", seconds))
-        _, final_seq, published = pub_result.get(timeout=seconds + 30)
-        cpu = (_cpu(cpu_pids) - cpu0) / (time.monotonic() - t0)
+        final_seq, published, cpu, _ = _publishing(seconds, cpu_pids, [], commands, pub_result)
         for fq in finals:
             fq.put(final_seq)
         results = [watch_q.get(timeout=SETTLE + 60) for _ in watchers]
@@ -371,13 +379,8 @@ def _go_watch_phase(binary: Any, target: str, subscribers: int, seconds: float, 
     watchers = gocall.Watchers(binary, target, subscribers, per_conn=STREAMS_PER_CHANNEL, settle=SETTLE)
     try:
         watchers.wait_ready(120)
-        cpu0, client0 = _cpu(cpu_pids), cpu_seconds(watchers.proc.pid)
-        t0 = time.monotonic()
-        commands.put(("run", seconds))
-        _, final_seq, published = pub_result.get(timeout=seconds + 30)
-        elapsed = time.monotonic() - t0
-        cpu = (_cpu(cpu_pids) - cpu0) / elapsed
-        client_cpu = (cpu_seconds(watchers.proc.pid) - client0) / elapsed
+        final_seq, published, cpu, client_cpu = _publishing(seconds, cpu_pids, [watchers.proc.pid], commands,
+                                                            pub_result)
         r = watchers.finish(final_seq)
     finally:
         watchers.close()
@@ -462,6 +465,12 @@ def run(args: argparse.Namespace) -> int:
                 return _go_phase(go_binary, target, seconds, pids, POLL_PERIOD)
             return _unary_phase(ctx, target, seconds, pids, period=POLL_PERIOD)
 
+        def watch(client: str, server: _Server) -> dict[str, Any]:
+            if client == "go":
+                return _go_watch_phase(go_binary, server.target, subscribers, seconds, server.pids, commands,
+                                       pub_result)
+            return _watch_phase(ctx, server.target, subscribers, seconds, server.pids, commands, pub_result)
+
         res: dict[int, dict[str, Any]] = {}
         floor_polls: dict[str, list[dict[str, Any]]] = {c: [] for c in clients}
         floor: Any = None
@@ -496,14 +505,7 @@ def run(args: argparse.Namespace) -> int:
                         floor_polls[c].append(poll(c, floor_target, [floor.pid]))
             console.print(f"(b) WatchLoads: {subscribers} subscribers, rank 0 every {PUBLISH_PERIOD * 1000:g} ms "
                           f"for {seconds:g} s, {' and '.join(WATCHER_NAME[c] for c in clients)} ...")
-            r["watch"] = {}
-            for c in clients:
-                if c == "go":
-                    r["watch"][c] = _go_watch_phase(go_binary, server.target, subscribers, seconds, server.pids,
-                                                    commands, pub_result)
-                else:
-                    r["watch"][c] = _watch_phase(ctx, server.target, subscribers, seconds, server.pids,
-                                                 commands, pub_result)
+            r["watch"] = {c: watch(c, server) for c in clients}
             r["stop_rc"] = server.stop()
 
         console.print(f"the gRPC-Python floor: {CALLERS} callers, closed loop ...")
