@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["Fleet", "FleetError", "Proc", "EngineProc", "free_port", "smg_available"]
+__all__ = ["Fleet", "FleetError", "Proc", "EngineProc", "VllmProc", "free_port", "smg_available"]
 
 HOST = "127.0.0.1"
 
@@ -105,6 +105,18 @@ class EngineProc(Proc):
         return self.server_info()["loadsvc_engine"]["completed"]
 
 
+@dataclass
+class VllmProc(Proc):
+    """A real vLLM server (``Fleet.vllm``); killing its process group ends its engine cores too."""
+
+    model: str = ""
+
+    def kill(self) -> None:
+        """SIGKILL to the API server and its engine processes, as a crash would."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
 class Fleet:
     """Starts processes on loopback and stops every one of them on exit (or stop_all())."""
 
@@ -142,11 +154,12 @@ class Fleet:
             except OSError:
                 pass
 
-    def _spawn(self, cls: type[Proc], name: str, cmd: list[str], url: str, **extra: Any) -> Any:
+    def _spawn(self, cls: type[Proc], name: str, cmd: list[str], url: str, *,
+               env: dict[str, str] | None = None, **extra: Any) -> Any:
         log_path = self._log_dir / f"{name}.log"
         log_file = open(log_path, "wb")
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, **env} if env else None)
         p = cls(name=name, cmd=cmd, url=url, proc=proc, log_path=log_path, _log_file=log_file, **extra)
         self.procs.append(p)
         return p
@@ -221,6 +234,36 @@ class Fleet:
         p = self._spawn(Proc, f"router-{policy}", cmd, f"http://{HOST}:{port}",
                         _ready=("/router/workers", all_watched))
         self._wait(p, timeout)
+        return p
+
+    def vllm(self, model: str | os.PathLike[str], *, python: str | os.PathLike[str],
+             shm: str | os.PathLike[str], dp_size: int = 1, max_num_seqs: int | None = None,
+             kv_cache_gib: int = 1, middleware: bool = True, env: dict[str, str] | None = None,
+             args: Sequence[str] = (), timeout: float = 240.0, wait: bool = True) -> VllmProc:
+        """A real vLLM OpenAI server (CPU) on a free port, publishing into shm through loadsvc's plugin.
+
+        python: the interpreter of a venv with vLLM and loadsvc (loadsvc.bench.vllm_env);
+        middleware: serve /v1/loads from vLLM's port (loadsvc.engines.vllm.middleware);
+        env: more LOADSVC_* variables. Returned once /health answers (vLLM's, 200 when ready).
+        """
+        port = free_port()
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--host", HOST, "--port", str(port), "--max-model-len", "256", "--dtype", "float32",
+               "--enforce-eager", "--data-parallel-size", str(dp_size), "--disable-log-stats",
+               "--uvicorn-log-level", "warning"]
+        if max_num_seqs is not None:
+            cmd += ["--max-num-seqs", str(max_num_seqs)]
+        if middleware:
+            cmd += ["--middleware", "loadsvc.engines.vllm.middleware.LoadsMiddleware"]
+        cmd += list(args)
+        variables = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                     "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "LOADSVC_SHM": str(shm),
+                     **(env or {})}
+        n = sum(isinstance(p, VllmProc) for p in self.procs)
+        p = self._spawn(VllmProc, f"vllm{n}", cmd, f"http://{HOST}:{port}", env=variables,
+                        model=str(model))
+        if wait:
+            self._wait(p, timeout)
         return p
 
     def smg(self, engines: Sequence[EngineProc], *, policy: str = "power_of_two",

@@ -502,12 +502,28 @@ def create_router(store: LoadStore, *, api_key: str | None = None,
     return _build(store, api_key, registry, health=health, metrics=metrics)[0]
 
 
+def loads_responder(store: LoadStore, *, api_key: str | None = None,
+                    registry: CollectorRegistry | None = None,
+                    ) -> Callable[[dict[str, Any]], tuple[int, bytes, list[tuple[bytes, bytes]]]]:
+    """GET /v1/loads as a function of an ASGI scope: (status, body, raw headers).
+
+    For an ASGI middleware (loadsvc.engines.vllm.middleware) that answers before
+    its app; the counters go to registry (a new one if None).
+    """
+    return _new_loads(store, api_key, registry if registry is not None else CollectorRegistry()).respond
+
+
+def _new_loads(store: LoadStore, api_key: str | None, registry: CollectorRegistry) -> _Loads:
+    counters = _metrics_for(registry)
+    counters.readers.stores.add(store)
+    return _Loads(store, counters, api_key)
+
+
 def _build(store: LoadStore, api_key: str | None, registry: CollectorRegistry | None, *,
            health: bool = True, metrics: bool = True) -> tuple[APIRouter, _Loads]:
     registry = registry if registry is not None else CollectorRegistry()
-    counters = _metrics_for(registry)
-    counters.readers.stores.add(store)
-    loads = _Loads(store, counters, api_key)
+    loads = _new_loads(store, api_key, registry)
+    counters = loads.metrics
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
