@@ -7,7 +7,7 @@
     loadsvc keys gen DIR NAME         CURVE key pair for the relay
     loadsvc engine                    a toy inference engine serving loads itself
     loadsvc router --worker URL=GRPC  the reference P2C router in front of engines
-    loadsvc bench shm|rest|grpc|relay|routing|soak
+    loadsvc bench shm|rest|grpc|relay|routing|soak|vllm
 """
 
 from __future__ import annotations
@@ -289,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=1, help="seed of the trace (default %(default)s)")
     b.add_argument("--loads", type=_fractions, default=(0.7, 0.9),
                    help="arrival rates as fractions of the calibrated capacity (default 0.7,0.9)")
+    b = bsub.add_parser("vllm", help="the vLLM plugin's cost per record() call and its lag to WatchLoads",
+                        description="Captures a real vLLM's stats (CPU, a tiny Llama built here), replays "
+                                    "them through loadsvc's stat logger and a no-op one, and times record() "
+                                    "to a WatchLoads stream. Runs in the vLLM venv of "
+                                    "`python -m loadsvc.bench.vllm_env` where vLLM is not installed.")
+    b.add_argument("--requests", type=_positive_int, default=32,
+                   help="completions in the captured burst (default %(default)s)")
+    b.add_argument("--max-tokens", type=_positive_int, default=128,
+                   help="tokens per completion (default %(default)s)")
+    b.add_argument("--repeats", type=_positive_int, default=3,
+                   help="replays of the captured calls per logger (default %(default)s)")
+    b.add_argument("--probes", type=_positive_int, default=300,
+                   help="record() -> WatchLoads lag samples (default %(default)s)")
+    b.add_argument("--model", type=Path, default=None,
+                   help="a model directory (default: a tiny random Llama built for the run)")
     b = bsub.add_parser("soak", help="long run: 8 ranks at 100 Hz, 200 watchers, REST load")
     b.add_argument("--minutes", type=_positive_float, default=10.0)
     return parser

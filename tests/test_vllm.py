@@ -252,3 +252,17 @@ def test_smg_routes_between_two_vllm_servers(vllm_python: Path, tiny_model: Path
     print(f"\nsmg power_of_two over loadsvc loads: max_num_seqs 8 got {split[big.url]}, "
           f"max_num_seqs 2 got {split[small.url]} of {n} "
           f"(12 at a time, {time.monotonic() - started:.1f} s)")
+
+
+def test_bench_vllm_runs(vllm_python: Path) -> None:
+    """`loadsvc bench vllm` runs (briefly) and prints its table with both targets judged."""
+    out = subprocess.run([str(vllm_python), "-m", "loadsvc", "bench", "vllm", "--requests", "4",
+                          "--max-tokens", "16", "--repeats", "1", "--probes", "20"],
+                         capture_output=True, text=True, timeout=300, cwd="/",
+                         env={**os.environ, "COLUMNS": "120"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.count("│") > 5}
+    assert "<= 10" in rows["record() per call, median (µs)"]
+    assert "< 5" in rows["record() -> WatchLoads, p99 (ms)"]
+    assert float(rows["record() -> WatchLoads, median (ms)"].split("│")[2]) > 0
+    assert "targets met" in out.stdout or "not every target met" in out.stdout

@@ -128,6 +128,11 @@ class LoadsvcStatLogger(StatLoggerBase):
         log.info("loadsvc: engine %d publishes its load into %s as rank %d of %d", engine_index,
                  settings.shm, engine_index, limits.dp_size)
 
+    @property
+    def rank(self) -> EngineRank | None:
+        """The publishing rank (None when the plugin is off or could not attach)."""
+        return self._rank
+
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
         if self._rank is not None:
