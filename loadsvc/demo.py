@@ -1,8 +1,8 @@
 """`loadsvc demo`: the simulator and the server on loopback, one command, until Ctrl-C.
 
     loadsvc demo
-      |-- python -m loadsvc simulate --shm REGION --dp-size 4      (load source)
-      |-- python -m loadsvc serve    --shm REGION --dp-size 4      (gRPC :50051, REST :8000)
+      |-- python -P -m loadsvc simulate --shm REGION --dp-size 4   (load source)
+      |-- python -P -m loadsvc serve    --shm REGION --dp-size 4   (gRPC :50051, REST :8000)
       |        REGION = a fresh /dev/shm/loadsvc-demo-<pid>-<random>.shm, removed at exit
       '-- waits for GET /health and every rank published, prints the addresses,
           then waits for Ctrl-C / SIGTERM / SIGHUP and stops what it started
@@ -10,7 +10,9 @@
 
 The children run in their own process group, so a Ctrl-C reaches only the demo,
 which stops them in order (load source first, then the server). They also get
-SIGKILL from the kernel if the demo itself dies (Linux PR_SET_PDEATHSIG).
+SIGKILL from the kernel if the demo itself dies (Linux PR_SET_PDEATHSIG). -P
+keeps a `loadsvc/` folder in the current directory from shadowing the installed
+package in them (see loadsvc/_spawn.py).
 
 ``--engine`` runs real routing instead of the bare simulator: the toy
 inference engine (loadsvc/engine.py, --dp-size ranks, the last one at half
@@ -18,8 +20,8 @@ speed) publishes into the region, and the reference router (loadsvc/router.py)
 sits in front of it, picking a rank per request by power of two choices on the
 loads it watches over the engine's WatchLoads stream:
 
-      |-- python -m loadsvc engine --shm REGION --dp-size 4 --speeds 1,1,1,0.5
-      |-- python -m loadsvc router --worker http://ENGINE=ENGINE_GRPC   (a free port)
+      |-- python -P -m loadsvc engine --shm REGION --dp-size 4 --speeds 1,1,1,0.5
+      |-- python -P -m loadsvc router --worker http://ENGINE=ENGINE_GRPC
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadsvc._spawn import loadsvc_command
 from loadsvc.settings import DemoSettings
 from loadsvc.shm import default_path
 
@@ -137,7 +140,7 @@ class _Demo:
 
     def start(self) -> None:
         s = self.settings
-        py = [sys.executable, "-m", "loadsvc", "--log-level", "WARNING"]
+        py = loadsvc_command("--log-level", "WARNING")
         server = _Child("server", [*py, "serve", "--shm", str(self.region), "--dp-size", str(s.dp_size),
                                    "--host", s.host, "--grpc-port", str(s.grpc_port),
                                    "--http-port", str(s.http_port)])

@@ -10,9 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -28,14 +31,14 @@ READY = "Ctrl-C stops the demo."
 
 
 class DemoProcess:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, command: Sequence[str] = (sys.executable, "-m", "loadsvc"),
+                 cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         while self.http_port == self.grpc_port:
             self.http_port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loadsvc", "demo", "--grpc-port", str(self.grpc_port),
-             "--http-port", str(self.http_port), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [*command, "demo", "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
         self.lines: queue.Queue[str] = queue.Queue()
         self.out: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -43,6 +46,7 @@ class DemoProcess:
     def _pump(self) -> None:
         for line in self.proc.stdout:
             self.lines.put(line)
+        self.lines.put("")  # end of output: the demo exited
 
     def wait_ready(self, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
@@ -52,6 +56,10 @@ class DemoProcess:
             except queue.Empty:
                 raise AssertionError(f"no {READY!r} within {timeout} s; stdout so far:\n"
                                      + "".join(self.out)) from None
+            if not line:
+                self.proc.wait(10)
+                raise AssertionError(f"the demo exited with {self.proc.returncode} before {READY!r}; "
+                                     f"stdout:\n{''.join(self.out)}stderr:\n{self.proc.stderr.read()}")
             self.out.append(line)
             if line.strip() == READY:
                 return "".join(self.out)
@@ -71,8 +79,8 @@ class DemoProcess:
 def demo_process():
     started: list[DemoProcess] = []
 
-    def start(*args: str) -> DemoProcess:
-        d = DemoProcess(*args)
+    def start(*args: str, **kwargs: Any) -> DemoProcess:
+        d = DemoProcess(*args, **kwargs)
         started.append(d)
         return d
 
@@ -129,6 +137,30 @@ def test_demo_serves_four_moving_ranks_and_stops_on_sigint(demo_process):
     assert not region.exists()
     assert port_is_free(demo.grpc_port) and port_is_free(demo.http_port)
     assert "Traceback" not in demo.proc.stderr.read()
+
+
+@pytest.mark.parametrize("args", [(), ("--engine",)], ids=["simulator", "engine"])
+def test_demo_runs_from_a_directory_holding_another_loadsvc_folder(demo_process, tmp_path, args):
+    """`loadsvc demo` started where a `loadsvc/` folder (a clone, say) sits in the current directory:
+    its children (`python -m loadsvc ...`) import the installed package, not that folder."""
+    decoy = tmp_path / "loadsvc"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('imported the loadsvc/ folder of the current "
+                                       "directory instead of the installed package')\n")
+    command = Path(sysconfig.get_path("scripts")) / "loadsvc"  # the console script, as a user runs it
+    assert command.exists(), f"no {command}: is loadsvc installed in this environment?"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    demo = demo_process(*args, command=[str(command)], cwd=tmp_path, env=env)
+    banner = demo.wait_ready()
+    assert f"REST  http://127.0.0.1:{demo.http_port}/v1/loads" in banner
+    with httpx.Client(trust_env=False, timeout=5) as http:
+        loads = http.get(f"http://127.0.0.1:{demo.http_port}/v1/loads").json()["loads"]
+    assert [load["dp_rank"] for load in loads] == [0, 1, 2, 3]
+    demo.proc.send_signal(signal.SIGINT)
+    demo.proc.wait(15)
+    err = demo.proc.stderr.read()
+    assert demo.proc.returncode == 0, err
+    assert "ImportError" not in err and "Traceback" not in err
 
 
 def test_demo_stops_everything_when_a_child_dies(demo_process):
