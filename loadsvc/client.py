@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 from rich.cells import cell_len
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -82,11 +82,11 @@ def _sections(load: Any) -> str:
 # The table's columns: (name, short name, justify). On a console narrower than the table,
 # the short names and compact cells come first, then whole columns go, in _DROP_ORDER, until
 # it fits: a number is shown whole or not at all (never squeezed to an ellipsis).
-_COLUMNS = (("rank", "rank", "right"), ("status", "status", "left"), ("age", "age", "right"),
-            ("running", "run", "right"), ("waiting", "wait", "right"),
-            ("tokens used/max", "tokens", "right"), ("usage", "usage", "right"),
-            ("throughput", "tok/s", "right"), ("cache hit", "hit", "right"), ("util", "util", "right"),
-            ("sections", "sections", "left"))
+_COLUMNS: tuple[tuple[str, str, JustifyMethod], ...] = (
+    ("rank", "rank", "right"), ("status", "status", "left"), ("age", "age", "right"),
+    ("running", "run", "right"), ("waiting", "wait", "right"), ("tokens used/max", "tokens", "right"),
+    ("usage", "usage", "right"), ("throughput", "tok/s", "right"), ("cache hit", "hit", "right"),
+    ("util", "util", "right"), ("sections", "sections", "left"))
 _DROP_ORDER = ("sections", "tokens used/max", "age", "cache hit", "throughput")
 
 
@@ -172,7 +172,7 @@ def loads_table(response: Any, source: str, *, note: str = "", all_ranks: bool =
     for name in names:
         # fold, not ellipsis: on a console too narrow even for the fewest columns a number
         # wraps onto a second line rather than losing digits
-        table.add_column(headers[name], justify=justify[name], overflow="fold")  # type: ignore[arg-type]
+        table.add_column(headers[name], justify=justify[name], overflow="fold")
     for rank, row in zip(ranks, cells):
         load = by_rank.get(rank)
         style = _ROW_STYLE.get(_status_name(load.status)) if load is not None else "red"

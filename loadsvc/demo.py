@@ -205,8 +205,8 @@ class _Demo:
         if s.engine:
             speeds = ",".join("0.5" if s.dp_size > 1 and i == s.dp_size - 1 else "1" for i in range(s.dp_size))
             source = _Child("engine", [*py, "engine", "--dp-size", str(s.dp_size), "--speeds", speeds,
-                                       "--shm", str(self.region), "--host", s.host,
-                                       "--port", str(ports.engine_http), "--grpc-port", str(ports.engine_grpc)])
+                                       "--shm", str(self.region), "--host", s.host, "--port",
+                                       str(ports.engine_http), "--grpc-port", str(ports.engine_grpc)])
             worker = f"http://{s.host}:{ports.engine_http}={s.host}:{ports.engine_grpc}"
             extra = [_Child("router", [*py, "router", "--host", s.host, "--port", str(ports.router),
                                        "--worker", worker])]
@@ -288,8 +288,10 @@ class _Demo:
              "SGLang GetLoads, health, reflection")
         _say(f"  REST  {rest}/v1/loads    (also /health, /metrics)")
         if s.engine:
-            _say(f"  engine HTTP  http://{s.host}:{ports.engine_http}    (SGLang-like /generate, /v1/completions)")
-            _say(f"  router HTTP  {router}    (reference P2C router over WatchLoads; its view: /router/workers)")
+            _say(f"  engine HTTP  http://{s.host}:{ports.engine_http}    "
+                 "(SGLang-like /generate, /v1/completions)")
+            _say(f"  router HTTP  {router}    "
+                 "(reference P2C router over WatchLoads; its view: /router/workers)")
         _say()
         _say("Try, in another terminal:")
         _say(f"  curl -s '{rest}/v1/loads?include=all'")

@@ -11,7 +11,8 @@ import pytest
 from loadsvc.cli import build_parser, main
 
 
-def _parsers(parser: argparse.ArgumentParser, path: str = "loadsvc") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+def _parsers(parser: argparse.ArgumentParser,
+             path: str = "loadsvc") -> Iterator[tuple[str, argparse.ArgumentParser]]:
     """(command path, parser) for the top level and every subcommand, nested ones included."""
     yield path, parser
     for action in parser._actions:

@@ -422,7 +422,8 @@ def _wide_response() -> Any:
                             max_running_requests=128, num_waiting_reqs=1234, num_used_tokens=1_234_567,
                             max_total_num_tokens=2_000_000, token_usage=0.617, gen_throughput=12_345,
                             cache_hit_rate=0.23, utilization=1.0, memory=pb.MemoryMetrics(weight_gb=1),
-                            speculative=pb.SpeculativeMetrics(accept_length=2), lora=pb.LoRAMetrics(slots_used=1),
+                            speculative=pb.SpeculativeMetrics(accept_length=2),
+                            lora=pb.LoRAMetrics(slots_used=1),
                             disaggregation=pb.DisaggregationMetrics(mode="prefill"), queues=pb.QueueMetrics()),
             pb.LoadSnapshot(dp_rank=1, status=pb.LOAD_STATUS_UNREACHABLE, age_ms=754_000, num_running_reqs=7,
                             max_running_requests=64, num_waiting_reqs=0, num_used_tokens=51_234,
@@ -524,7 +525,8 @@ def test_get_at_80_columns_and_through_a_pipe(deployment):
 
 @pytest.mark.parametrize("command", ["get", "watch"])
 @pytest.mark.parametrize("target, says", [
-    ("localhost", "--grpc localhost has no port (gRPC would dial 443): give --grpc HOST:PORT, e.g. 127.0.0.1:50051"),
+    ("localhost", "--grpc localhost has no port (gRPC would dial 443): give --grpc HOST:PORT, "
+                  "e.g. 127.0.0.1:50051"),
     ("127.0.0.1:http", "--grpc 127.0.0.1:http: the port must be a number 1..65535: give --grpc HOST:PORT, "
                        "e.g. 127.0.0.1:50051"),
     ("::1", "--grpc ::1: an IPv6 address goes in brackets, e.g. [::1]:50051"),
@@ -538,7 +540,7 @@ def test_grpc_target_without_a_port_or_bad_is_a_one_line_error(cli, command, tar
 @pytest.mark.parametrize("command", ["get", "watch"])
 def test_grpc_pointed_at_the_rest_port_says_so(deployment, cli, command):
     target = f"127.0.0.1:{deployment.server.http_port}"
-    result = cli(command, "--grpc", target, "--count", "1") if command == "watch" else cli(command, "--grpc", target)
+    result = cli(command, "--grpc", target, *(["--count", "1"] if command == "watch" else []))
     assert result.returncode == 1
     assert result.stderr == (f"loadsvc {command}: {target} answers HTTP/1, not gRPC: is it the REST port "
                              "(--http-port)? point --grpc at the gRPC port (--grpc-port of serve and demo), "

@@ -237,7 +237,8 @@ def test_same_port_twice_is_a_usage_error(capsys):
 def test_default_ports_are_taken_when_free_and_replaced_when_in_use(monkeypatch):
     """Without port flags the demo takes the usual ports (the README's examples paste as they
     are); one in use is replaced by a free port, with a note naming the flag that picks one."""
-    usual = {"DEFAULT_GRPC_PORT": free_port(), "DEFAULT_HTTP_PORT": free_port(), "DEFAULT_ROUTER_PORT": free_port()}
+    usual = {"DEFAULT_GRPC_PORT": free_port(), "DEFAULT_HTTP_PORT": free_port(),
+             "DEFAULT_ROUTER_PORT": free_port()}
     assert len(set(usual.values())) == 3
     for name, port in usual.items():
         monkeypatch.setattr(demo_module, name, port)
@@ -252,12 +253,14 @@ def test_default_ports_are_taken_when_free_and_replaced_when_in_use(monkeypatch)
         s.listen()
         ports, notes = demo_module._resolve_ports(DemoSettings(engine=True))
     assert (ports.grpc, ports.router) == (grpc_port, router_port) and ports.http not in usual.values()
-    assert notes == [f"port {http_port} (REST) is in use; using {ports.http} instead (--http-port PORT picks one)"]
+    assert notes == [f"port {http_port} (REST) is in use; using {ports.http} instead "
+                     "(--http-port PORT picks one)"]
 
     # a flag that takes another default port moves that one aside
     ports, notes = demo_module._resolve_ports(DemoSettings(grpc_port=http_port))
     assert ports.grpc == http_port and ports.http not in usual.values()
-    assert notes == [f"port {http_port} (REST) is in use; using {ports.http} instead (--http-port PORT picks one)"]
+    assert notes == [f"port {http_port} (REST) is in use; using {ports.http} instead "
+                     "(--http-port PORT picks one)"]
 
 
 def test_banner_counts_ranks_in_words(capsys):
