@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from loadsvc import __version__
 from loadsvc.settings import (
@@ -34,6 +35,27 @@ from loadsvc.settings import (
 from loadsvc.shm import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
 
 API_KEY_ENV = "LOADSVC_API_KEY"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """The parser of one subcommand (`loadsvc get`, `loadsvc keys gen`, ...).
+
+    A flag it does not know is reported with its own usage (argparse would hand it up to the
+    top-level parser, whose usage lists only the commands), and it takes --log-level too, so
+    `loadsvc get --log-level DEBUG` works as `loadsvc --log-level DEBUG get` does.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                          help="logging level, here or before the command (default INFO)")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def parse_ranks(text: str) -> tuple[int, ...]:
@@ -125,8 +147,10 @@ def _add_store_args(p: argparse.ArgumentParser, shm_required: bool = True) -> No
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc", default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="loadsvc gRPC address (default %(default)s)")
-    p.add_argument("--dp-rank", type=int, default=None, help="only this rank")
-    p.add_argument("--include", default="", help="sections: core,memory,spec,lora,disagg,queues,all")
+    p.add_argument("--dp-rank", type=int, default=None, help="only this rank (default: every rank)")
+    p.add_argument("--include", default="", metavar="SECTIONS",
+                   help="comma-separated sections: core,memory,spec,lora,disagg,queues,all "
+                        "(default: all)")
     p.add_argument("--api-key", default=None,
                    help=f"bearer token for a server started with --api-key (or ${API_KEY_ENV})")
     p.add_argument("--tls-ca", type=Path, default=None, help="CA certificate to verify a TLS server")
@@ -143,18 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `loadsvc demo`, then `loadsvc watch` in another terminal.",
     )
     parser.add_argument("--version", action="version", version=f"loadsvc {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging level (default %(default)s)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
+                        help="logging level (default %(default)s); also accepted after the command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_SubcommandParser)
 
     p = sub.add_parser("demo", help="run a simulated 4-rank engine and the server on 127.0.0.1",
                        description="Start the engine simulator (4 ranks) and the server on 127.0.0.1 "
-                                   "(gRPC 50051, REST 8000); stop everything with Ctrl-C.")
-    p.add_argument("--grpc-port", type=_port, default=50051, help="gRPC port (default %(default)s)")
-    p.add_argument("--http-port", type=_port, default=8000, help="REST port (default %(default)s)")
+                                   "(gRPC 50051, REST 8000); stop everything with Ctrl-C. A default "
+                                   "port that is in use is replaced by a free one (the demo says so); "
+                                   "a port given with a flag must be free.")
+    p.add_argument("--grpc-port", type=_port, default=None,
+                   help="gRPC port (default: 50051, or a free port when 50051 is in use)")
+    p.add_argument("--http-port", type=_port, default=None,
+                   help="REST port (default: 8000, or a free port when 8000 is in use)")
     p.add_argument("--dp-size", type=_positive_int, default=4, help="simulated ranks (default %(default)s)")
     p.add_argument("--engine", action="store_true",
                    help="run toy inference engines and the reference router instead of the simulator")
+    p.add_argument("--router-port", type=_port, default=None,
+                   help="with --engine: the router's HTTP port (default: 8080, or a free port when "
+                        "8080 is in use)")
     p.add_argument("--shm", type=Path, default=None, help="region file (default: a fresh one per run)")
 
     p = sub.add_parser("serve", help="serve a region over gRPC and REST",
@@ -200,9 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-size", type=_positive_int, required=True, help="total ranks of the deployment")
     p.add_argument("--ranks", type=parse_ranks, default=None,
                    help="ranks this process publishes, e.g. 0-3 (default: all of --dp-size)")
-    p.add_argument("--rate", type=_positive_float, default=20.0, help="publishes per second per rank")
+    p.add_argument("--rate", type=_positive_float, default=20.0, metavar="HZ",
+                   help="publishes per second per rank (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    p.add_argument("--duration", type=_positive_float, default=None, help="stop after this many seconds")
+    p.add_argument("--duration", type=_positive_float, default=None,
+                   help="stop after this many seconds (default: run until SIGTERM or Ctrl-C)")
     p.add_argument("--curve-server-key", type=Path, default=None, help="collector's public certificate")
     p.add_argument("--curve-secret-key", type=Path, default=None, help="this publisher's secret certificate")
 
@@ -213,34 +247,48 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "get":
             p.add_argument("--json", action="store_true", help="print the response as JSON")
         else:
-            p.add_argument("--min-interval-ms", type=int, default=0, help="at most one update per this")
-            p.add_argument("--max-interval-ms", type=int, default=1000, help="heartbeat interval")
+            p.add_argument("--min-interval-ms", type=int, default=0, metavar="MS",
+                           help="milliseconds between two messages at least (default %(default)s: "
+                                "every change)")
+            p.add_argument("--max-interval-ms", type=int, default=1000, metavar="MS",
+                           help="heartbeat: a message at least every this many milliseconds even "
+                                "without change (default %(default)s)")
             p.add_argument("--count", type=_positive_int, default=None,
-                           help="exit after this many messages")
+                           help="exit after this many messages, counted across reconnects "
+                                "(default: run until Ctrl-C)")
 
     p = sub.add_parser("keys", help="CURVE keys for the ZMQ relay")
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    g = ksub.add_parser("gen", help="write DIR/NAME.key and DIR/NAME.key_secret (pyzmq format)")
-    g.add_argument("dir", type=Path)
-    g.add_argument("name")
+    g = ksub.add_parser("gen", help="write DIR/NAME.key and DIR/NAME.key_secret (pyzmq format)",
+                        description="Write a CURVE key pair for the ZMQ relay: DIR/NAME.key (public: "
+                                    "give it to the other side) and DIR/NAME.key_secret (keep it).")
+    g.add_argument("dir", type=Path, help="directory to write the two files into (created if missing)")
+    g.add_argument("name", help="file name of the pair, e.g. the node's name (node1 -> node1.key)")
 
     p = sub.add_parser("engine", help="a toy inference engine that serves its own loads",
                        description="A toy inference engine (not a model) with an SGLang-like HTTP "
                                    "surface and a gRPC surface, publishing each rank's real state.")
-    p.add_argument("--dp-size", type=_positive_int, default=2)
-    p.add_argument("--speeds", type=_speeds, default=None, help="per-rank speed factors, e.g. 1,0.5")
-    p.add_argument("--max-running-requests", type=_positive_int, default=32)
-    p.add_argument("--max-total-tokens", type=_positive_int, default=65536, help="KV-token budget per rank")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--dp-size", type=_positive_int, default=2,
+                   help="data-parallel ranks, each a scheduler of its own (default %(default)s)")
+    p.add_argument("--speeds", type=_speeds, default=None,
+                   help="per-rank speed factors, e.g. 1,0.5 (default: 1 for every rank)")
+    p.add_argument("--max-running-requests", type=_positive_int, default=32,
+                   help="requests a rank decodes at once; more wait in its queue (default %(default)s)")
+    p.add_argument("--max-total-tokens", type=_positive_int, default=65536,
+                   help="KV-cache budget per rank, in tokens (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the HTTP and gRPC servers listen on (default %(default)s)")
     p.add_argument("--port", type=_port, default=30000, help="HTTP port (default %(default)s)")
     p.add_argument("--grpc-port", type=_port, default=30001, help="gRPC port (default %(default)s)")
     p.add_argument("--shm", type=Path, default=None, help="region file (default: one per engine port)")
-    p.add_argument("--publish-rate", type=_positive_float, default=50.0, help="publishes per second per rank")
-    p.add_argument("--model", default="loadsvc-toy", help="model name to report")
+    p.add_argument("--publish-rate", type=_positive_float, default=50.0, metavar="HZ",
+                   help="publishes per second per rank (default %(default)s)")
+    p.add_argument("--model", default="loadsvc-toy", help="model name to report (default %(default)s)")
     p.add_argument("--step-ms", type=_positive_float, default=10.0,
-                   help="decode step of one request at batch 1, speed 1 (default %(default)s)")
+                   help="milliseconds of one decode step at batch 1, speed 1 (default %(default)s)")
     p.add_argument("--batch-knee", type=_positive_float, default=32.0,
-                   help="the batch at which a step takes twice as long (default %(default)s)")
+                   help="the batch size (requests) at which a step takes twice as long "
+                        "(default %(default)s)")
     p.add_argument("--prefill-tokens-per-step", type=_positive_int, default=16,
                    help="prompt tokens that cost one step (default %(default)s)")
     p.add_argument("--stale-after", type=_positive_float, default=DEFAULT_STALE_AFTER,
@@ -256,22 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "http://127.0.0.1:30000=127.0.0.1:30001 (repeat per engine)")
     p.add_argument("--policy", choices=["p2c", "round_robin"], default="p2c",
                    help="routing policy (default %(default)s)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the router's HTTP server listens on (default %(default)s)")
     p.add_argument("--port", type=_port, default=8080, help="HTTP port (default %(default)s)")
     p.add_argument("--stale-after", type=_positive_float, default=1.0,
                    help="skip an engine after this many seconds without a WatchLoads message "
                         "(default %(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="random seed of the power of two choices")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed of the power of two choices (default: random)")
 
     p = sub.add_parser("bench", help="benchmarks (print figures and ratios against a baseline)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     b = bsub.add_parser("shm", help="shared-memory publish/read against a flock baseline")
-    b.add_argument("--ranks", type=_positive_int, default=8)
-    b.add_argument("--seconds", type=_positive_float, default=5.0, help="contended phase length per design")
-    b.add_argument("--readers", type=_positive_int, default=3)
+    b.add_argument("--ranks", type=_positive_int, default=8, help="ranks in the region (default %(default)s)")
+    b.add_argument("--seconds", type=_positive_float, default=5.0,
+                   help="length of the contended phase per design, in seconds (default %(default)s)")
+    b.add_argument("--readers", type=_positive_int, default=3,
+                   help="reader processes in the contended phase (default %(default)s)")
     b = bsub.add_parser("rest", help="REST /v1/loads under wrk against a baseline endpoint")
-    b.add_argument("--seconds", type=_positive_int, default=10)
-    b.add_argument("--connections", type=_positive_int, default=32)
+    b.add_argument("--seconds", type=_positive_int, default=10,
+                   help="length of each measured run, in whole seconds (default %(default)s)")
+    b.add_argument("--connections", type=_positive_int, default=32,
+                   help="open HTTP connections of the load generator (default %(default)s)")
     b = bsub.add_parser("grpc", help="GetLoads latency and WatchLoads fan-out",
                         description="GetLoads latency (32 callers polling; judged with Go callers built from "
                                     "Debian's golang-go and golang-google-grpc-dev, or Python ones without "
@@ -283,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=_positive_int, default=None,
                    help="--grpc-workers of the second server measured (default: one per core)")
     b = bsub.add_parser("relay", help="ZMQ publish to WatchLoads delivery across network namespaces")
-    b.add_argument("--seconds", type=_positive_float, default=10.0)
+    b.add_argument("--seconds", type=_positive_float, default=10.0,
+                   help="length of the measured phase, in seconds (default %(default)s)")
     b = bsub.add_parser("routing", help="routing quality: round robin vs smg vs loadsvc P2C")
     b.add_argument("--requests", type=_positive_int, default=400, help="requests per run (default %(default)s)")
     b.add_argument("--seed", type=int, default=1, help="seed of the trace (default %(default)s)")
@@ -305,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", type=Path, default=None,
                    help="a model directory (default: a tiny random Llama built for the run)")
     b = bsub.add_parser("soak", help="long run: 8 ranks at 100 Hz, 200 watchers, REST load")
-    b.add_argument("--minutes", type=_positive_float, default=10.0)
+    b.add_argument("--minutes", type=_positive_float, default=10.0,
+                   help="length of the run, in minutes (default %(default)s)")
     return parser
 
 
@@ -393,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         from loadsvc.demo import run_demo
 
         return run_demo(DemoSettings(grpc_port=args.grpc_port, http_port=args.http_port,
-                                     dp_size=args.dp_size, engine=args.engine, shm=args.shm))
+                                     router_port=args.router_port, dp_size=args.dp_size,
+                                     engine=args.engine, shm=args.shm))
     if cmd == "get":
         from loadsvc.client import run_get
 

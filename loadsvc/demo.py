@@ -1,8 +1,8 @@
 """`loadsvc demo`: the simulator and the server on loopback, one command, until Ctrl-C.
 
     loadsvc demo
-      |-- python -m loadsvc simulate --shm REGION --dp-size 4      (load source)
-      |-- python -m loadsvc serve    --shm REGION --dp-size 4      (gRPC :50051, REST :8000)
+      |-- python -P -m loadsvc simulate --shm REGION --dp-size 4   (load source)
+      |-- python -P -m loadsvc serve    --shm REGION --dp-size 4   (gRPC :50051, REST :8000)
       |        REGION = a fresh /dev/shm/loadsvc-demo-<pid>-<random>.shm, removed at exit
       '-- waits for GET /health and every rank published, prints the addresses,
           then waits for Ctrl-C / SIGTERM / SIGHUP and stops what it started
@@ -10,7 +10,9 @@
 
 The children run in their own process group, so a Ctrl-C reaches only the demo,
 which stops them in order (load source first, then the server). They also get
-SIGKILL from the kernel if the demo itself dies (Linux PR_SET_PDEATHSIG).
+SIGKILL from the kernel if the demo itself dies (Linux PR_SET_PDEATHSIG). -P
+keeps a `loadsvc/` folder in the current directory from shadowing the installed
+package in them (see loadsvc/_spawn.py).
 
 ``--engine`` runs real routing instead of the bare simulator: the toy
 inference engine (loadsvc/engine.py, --dp-size ranks, the last one at half
@@ -18,8 +20,8 @@ speed) publishes into the region, and the reference router (loadsvc/router.py)
 sits in front of it, picking a rank per request by power of two choices on the
 loads it watches over the engine's WatchLoads stream:
 
-      |-- python -m loadsvc engine --shm REGION --dp-size 4 --speeds 1,1,1,0.5
-      |-- python -m loadsvc router --worker http://ENGINE=ENGINE_GRPC   (a free port)
+      |-- python -P -m loadsvc engine --shm REGION --dp-size 4 --speeds 1,1,1,0.5
+      |-- python -P -m loadsvc router --worker http://ENGINE=ENGINE_GRPC
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadsvc._spawn import loadsvc_command
 from loadsvc.settings import DemoSettings
 from loadsvc.shm import default_path
 
@@ -43,8 +46,11 @@ __all__ = ["run_demo"]
 
 READY_TIMEOUT = 60.0  # seconds for the server to answer and every rank to publish
 STOP_TIMEOUT = 5.0  # seconds children get after SIGTERM before SIGKILL
+# The ports the demo takes when they are free (so the README's examples paste as they are);
+# one in use is replaced by a free port, and the demo says so. Ports given with a flag must be free.
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
+DEFAULT_ROUTER_PORT = 8080  # --engine: `loadsvc router`'s own default (the engine's ports are free ones)
 
 
 class DemoError(RuntimeError):
@@ -110,14 +116,68 @@ class _Child:
         return self.proc.poll() if self.proc is not None else None
 
 
+@dataclass(frozen=True)
+class _Ports:
+    grpc: int
+    http: int
+    router: int = 0  # the --engine ones
+    engine_http: int = 0
+    engine_grpc: int = 0
+
+
+def _resolve_ports(settings: DemoSettings) -> tuple[_Ports, list[str]]:
+    """The ports to use, and a note per default port that was in use and replaced by a free one.
+
+    DemoError (exit code 2) for a port given twice or 0, (exit code 1) for a given port in use."""
+    host = settings.host
+    wanted = [("grpc", settings.grpc_port, DEFAULT_GRPC_PORT, "--grpc-port", "gRPC"),
+              ("http", settings.http_port, DEFAULT_HTTP_PORT, "--http-port", "REST")]
+    if settings.engine:
+        wanted.append(("router", settings.router_port, DEFAULT_ROUTER_PORT, "--router-port", "router HTTP"))
+    given: dict[int, str] = {}
+    for _, port, _, flag, _ in wanted:
+        if port is None:
+            continue
+        if port == 0:
+            raise DemoError(f"{flag} 0 is not supported by the demo; give a port number", code=2)
+        if port in given:
+            raise DemoError(f"{given[port]} and {flag} are both {port}; give them different ports", code=2)
+        given[port] = flag
+    for _, port, _, flag, what in wanted:
+        if port is not None and _port_in_use(host, port):
+            raise DemoError(f"port {port} on {host} ({what}) is already in use, perhaps by "
+                            f"another loadsvc demo or serve; pick another with {flag} PORT")
+    taken, chosen, notes = set(given), dict[str, int](), list[str]()
+
+    def free_port() -> int:
+        port = _free_port(host)
+        while port in taken:
+            port = _free_port(host)
+        return port
+
+    for key, port, default, flag, what in wanted:
+        if port is None:
+            port = default
+            if port in taken or _port_in_use(host, port):
+                port = free_port()
+                notes.append(f"port {default} ({what}) is in use; using {port} instead ({flag} PORT "
+                             "picks one)")
+        taken.add(port)
+        chosen[key] = port
+    if settings.engine:  # only the router's URL is in the examples: the engine takes free ports
+        for key in ("engine_http", "engine_grpc"):
+            chosen[key] = free_port()
+            taken.add(chosen[key])
+    return _Ports(**chosen), notes
+
+
 @dataclass
 class _Demo:
     settings: DemoSettings
     region: Path
+    ports: _Ports
     children: list[_Child] = field(default_factory=list)
     stop_signal: str = ""
-    engine_port: int = 0
-    router_port: int = 0
 
     # -- signals -------------------------------------------------------------------
 
@@ -136,21 +196,20 @@ class _Demo:
     # -- children ------------------------------------------------------------------
 
     def start(self) -> None:
-        s = self.settings
-        py = [sys.executable, "-m", "loadsvc", "--log-level", "WARNING"]
+        s, ports = self.settings, self.ports
+        py = loadsvc_command("--log-level", "WARNING")
         server = _Child("server", [*py, "serve", "--shm", str(self.region), "--dp-size", str(s.dp_size),
-                                   "--host", s.host, "--grpc-port", str(s.grpc_port),
-                                   "--http-port", str(s.http_port)])
+                                   "--host", s.host, "--grpc-port", str(ports.grpc),
+                                   "--http-port", str(ports.http)])
         extra: list[_Child] = []
         if s.engine:
-            self.engine_port, engine_grpc = _free_port(s.host), _free_port(s.host)
-            self.router_port = _free_port(s.host)
             speeds = ",".join("0.5" if s.dp_size > 1 and i == s.dp_size - 1 else "1" for i in range(s.dp_size))
             source = _Child("engine", [*py, "engine", "--dp-size", str(s.dp_size), "--speeds", speeds,
-                                       "--shm", str(self.region), "--host", s.host,
-                                       "--port", str(self.engine_port), "--grpc-port", str(engine_grpc)])
-            extra = [_Child("router", [*py, "router", "--host", s.host, "--port", str(self.router_port),
-                                       "--worker", f"http://{s.host}:{self.engine_port}={s.host}:{engine_grpc}"])]
+                                       "--shm", str(self.region), "--host", s.host, "--port",
+                                       str(ports.engine_http), "--grpc-port", str(ports.engine_grpc)])
+            worker = f"http://{s.host}:{ports.engine_http}={s.host}:{ports.engine_grpc}"
+            extra = [_Child("router", [*py, "router", "--host", s.host, "--port", str(ports.router),
+                                       "--worker", worker])]
         else:
             source = _Child("simulator", [*py, "simulate", "--shm", str(self.region),
                                           "--dp-size", str(s.dp_size)])
@@ -172,7 +231,7 @@ class _Demo:
         import urllib.request
 
         s = self.settings
-        url = f"http://{s.host}:{s.http_port}/health"
+        url = f"http://{s.host}:{self.ports.http}/health"
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
         deadline = time.monotonic() + READY_TIMEOUT
         last = "no answer"
@@ -187,7 +246,7 @@ class _Demo:
                 if health.get("published", 0) >= s.dp_size:
                     if not s.engine:
                         return True
-                    router = f"http://{s.host}:{self.router_port}/health"
+                    router = f"http://{s.host}:{self.ports.router}/health"
                     with opener.open(router, timeout=1.0):  # 200 once it watches the engine's loads
                         return True
                 last = f"{health.get('published', 0)} of {s.dp_size} ranks published"
@@ -217,28 +276,31 @@ class _Demo:
     # -- output ----------------------------------------------------------------------
 
     def banner(self) -> None:
-        s = self.settings
-        what = (f"{s.dp_size} toy engine ranks" if s.engine else f"{s.dp_size} simulated ranks")
-        grpc_flag = "" if s.grpc_port == DEFAULT_GRPC_PORT and s.host == "127.0.0.1" \
-            else f" --grpc {s.host}:{s.grpc_port}"
-        rest = f"http://{s.host}:{s.http_port}"
+        s, ports = self.settings, self.ports
+        ranks = "rank" if s.dp_size == 1 else "ranks"
+        what = f"a toy engine with {s.dp_size} {ranks}" if s.engine else f"{s.dp_size} simulated {ranks}"
+        grpc_flag = "" if ports.grpc == DEFAULT_GRPC_PORT and s.host == "127.0.0.1" \
+            else f" --grpc {s.host}:{ports.grpc}"
+        rest = f"http://{s.host}:{ports.http}"
+        router = f"http://{s.host}:{ports.router}"
         _say(f"loadsvc demo: {what} publishing into {self.region}")
-        _say(f"  gRPC  {s.host}:{s.grpc_port}    loadsvc.v1.LoadService (GetLoads, WatchLoads), "
+        _say(f"  gRPC  {s.host}:{ports.grpc}    loadsvc.v1.LoadService (GetLoads, WatchLoads), "
              "SGLang GetLoads, health, reflection")
         _say(f"  REST  {rest}/v1/loads    (also /health, /metrics)")
         if s.engine:
-            _say(f"  engine HTTP  http://{s.host}:{self.engine_port}    (SGLang-like /generate, /v1/completions)")
-            _say(f"  router HTTP  http://{s.host}:{self.router_port}    (reference P2C router over "
-                 "WatchLoads; its view: /router/workers)")
+            _say(f"  engine HTTP  http://{s.host}:{ports.engine_http}    "
+                 "(SGLang-like /generate, /v1/completions)")
+            _say(f"  router HTTP  {router}    "
+                 "(reference P2C router over WatchLoads; its view: /router/workers)")
         _say()
         _say("Try, in another terminal:")
         _say(f"  curl -s '{rest}/v1/loads?include=all'")
         _say(f"  loadsvc get{grpc_flag}")
         _say(f"  loadsvc watch{grpc_flag}        # live table; Ctrl-C leaves it")
         if s.engine:
-            _say(f"  curl -s http://{s.host}:{self.router_port}/generate "
+            _say(f"  curl -s {router}/generate "
                  "-d '{\"text\": \"hello\", \"sampling_params\": {\"max_new_tokens\": 64}}'")
-            _say(f"  curl -s http://{s.host}:{self.router_port}/router/workers")
+            _say(f"  curl -s {router}/router/workers")
         _say()
         _say("Ctrl-C stops the demo.")
 
@@ -248,28 +310,21 @@ def _check(settings: DemoSettings) -> None:
         raise DemoError("--engine (toy inference engines and the reference router) is not available "
                         "yet in this loadsvc; run `loadsvc demo` without --engine for the simulator",
                         code=2)
-    if settings.grpc_port == settings.http_port:
-        raise DemoError(f"--grpc-port and --http-port are both {settings.grpc_port}; give them "
-                        "different ports", code=2)
-    for port, flag, what in ((settings.grpc_port, "--grpc-port", "gRPC"),
-                             (settings.http_port, "--http-port", "REST")):
-        if port == 0:
-            raise DemoError(f"{flag} 0 is not supported by the demo; give a port number", code=2)
-        if _port_in_use(settings.host, port):
-            raise DemoError(f"port {port} on {settings.host} ({what}) is already in use, perhaps by "
-                            f"another loadsvc demo or serve; pick another with {flag} PORT")
 
 
 def run_demo(settings: DemoSettings) -> int:
     """`loadsvc demo`: 0 after a clean Ctrl-C/SIGTERM, 1 when it could not start or a child failed."""
     try:
         _check(settings)
+        ports, notes = _resolve_ports(settings)
     except DemoError as e:
         _error(str(e))
         return e.code
+    for note in notes:
+        _say(f"loadsvc demo: {note}")
     region = settings.shm or default_path(f"demo-{os.getpid()}-{secrets.token_hex(3)}")
     owns_region = not region.exists()
-    demo = _Demo(settings, region)
+    demo = _Demo(settings, region, ports)
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, demo.on_signal) for sig in stop_signals}
     code = 0

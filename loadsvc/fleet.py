@@ -20,7 +20,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from loadsvc._spawn import loadsvc_command, python_command
 
 __all__ = ["Fleet", "FleetError", "Proc", "EngineProc", "VllmProc", "free_port", "smg_available"]
 
@@ -201,7 +202,7 @@ class Fleet:
         http_port, grpc_port = free_port(), free_port()
         while grpc_port == http_port:
             grpc_port = free_port()
-        cmd = [sys.executable, "-m", "loadsvc", "--log-level", "WARNING", "engine",
+        cmd = [*loadsvc_command("--log-level", "WARNING"), "engine",
                "--dp-size", str(dp_size), "--port", str(http_port), "--grpc-port", str(grpc_port)]
         options = {"--speeds": ",".join(f"{s:g}" for s in speeds) if speeds else None,
                    "--max-running-requests": max_running_requests, "--max-total-tokens": max_total_tokens,
@@ -221,7 +222,7 @@ class Fleet:
                args: Sequence[str] = (), timeout: float = 30.0) -> Proc:
         """`loadsvc router` in front of engines, returned once it sees every engine's loads."""
         port = free_port()
-        cmd = [sys.executable, "-m", "loadsvc", "--log-level", "WARNING", "router", "--port", str(port),
+        cmd = [*loadsvc_command("--log-level", "WARNING"), "router", "--port", str(port),
                "--policy", policy]
         for e in engines:
             cmd += ["--worker", f"{e.url}={e.grpc}"]
@@ -273,7 +274,7 @@ class Fleet:
         if why:
             raise FleetError(why)
         port = free_port()
-        cmd = [sys.executable, "-m", "smg", "launch", "--host", HOST, "--port", str(port),
+        cmd = [*python_command("-m", "smg"), "launch", "--host", HOST, "--port", str(port),
                "--policy", policy, "--load-monitor-interval", f"{load_monitor_interval:g}",
                "--prometheus-host", HOST, "--prometheus-port", str(free_port()),
                "--log-level", "warn", "--shutdown-grace-period-secs", "1", "--worker-urls", *[e.url for e in engines], *args]

@@ -73,8 +73,10 @@ class SimulateSettings:
 @dataclass(frozen=True)
 class DemoSettings:
     host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    http_port: int = 8000
+    # None: the usual port (gRPC 50051, REST 8000, router 8080) when it is free, else a free one
+    grpc_port: int | None = None
+    http_port: int | None = None
+    router_port: int | None = None  # --engine only
     dp_size: int = 4
     engine: bool = False
     shm: Path | None = None

@@ -29,6 +29,11 @@ import pytest
 
 from loadsvc import default_path
 
+# Every Python the tests start (`python -m loadsvc ...`, `python -c ...`) imports the installed
+# loadsvc, never a `loadsvc/` folder of the current directory (as loadsvc/_spawn.py does for the
+# processes loadsvc itself starts).
+os.environ.setdefault("PYTHONSAFEPATH", "1")
+
 
 def free_port() -> int:
     """A TCP port nobody listens on at 127.0.0.1 (bound to port 0, then released)."""

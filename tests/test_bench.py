@@ -98,13 +98,17 @@ def test_bench_grpc_runs_one_process_and_workers() -> None:
 
 
 # -- the Go callers of `bench grpc` (loadsvc/bench/gocaller) ----------------------------------------
-# .ci/run installs Go and Debian's grpc-go (golang-go, golang-google-grpc-dev), as it installs
-# the Node clients; like test_native_read_loop_is_built, these fail when that install is missing.
+# Only the benchmark needs Go and Debian's grpc-go (golang-go, golang-google-grpc-dev): where they
+# are missing these tests skip, naming the install. .ci/run installs them (and sets CI=true), so
+# under CI a missing caller is a failure, not a skip.
 
 
 def _go_caller() -> Path:
     binary, why_not = gocall.build()
-    assert binary is not None, why_not
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, but the Go caller cannot be built: {why_not}")
+        pytest.skip(f"the Go caller of `loadsvc bench grpc` cannot be built: {why_not}")
     return binary
 
 

@@ -305,6 +305,248 @@ def test_watch_bad_interval(deployment, cli):
     assert "--max-interval-ms" in result.stderr and "Traceback" not in result.stderr
 
 
+# -- reconnecting -----------------------------------------------------------------------------
+
+
+class _Output:
+    """Text a child writes to a pipe or a pty, gathered by a thread; wait_for() polls it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.chunks = fd, []  # type: ignore[var-annotated]
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # EIO: the pty's other side closed
+                return
+            if not data:
+                return
+            self.chunks.append(data)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def plain(self) -> str:
+        """The text without terminal control sequences, runs of whitespace as one space."""
+        return " ".join(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.text).split())
+
+    def wait_for(self, needle: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.plain():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} within {timeout} s; output:\n{self.text[-3000:]}")
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_watch_reconnects_when_the_server_restarts(shm_path, terminal):
+    """`loadsvc watch --count 4` over a serve that is stopped and started again on the same port:
+    it says it reconnects (stderr for a pipe, the table's title in a terminal), reconnects, and
+    counts messages across both servers: 1 (connect), 2 (a publish), [restart], 3 (connect), 4."""
+    import pty
+
+    grpc_port, http_port = free_port(), free_port()
+    target = f"127.0.0.1:{grpc_port}"
+    store_args = ["--stale-after", "60", "--unreachable-after", "120"]  # no status change mid-test
+    pub = ShmPublisher(shm_path, dp_size=1, dp_rank=0)
+    pub.publish(LoadSnapshot(dp_rank=0, num_running_reqs=1, max_running_requests=8))
+    server = start_serve(shm_path, grpc_port=grpc_port, http_port=http_port, args=store_args)
+    argv = [sys.executable, "-m", "loadsvc", "watch", "--grpc", target, "--count", "4",
+            "--max-interval-ms", "3600000"]  # no heartbeats: a message per connect and per publish
+    env = {**os.environ, "COLUMNS": "200"}
+    if terminal:
+        main, child = pty.openpty()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=child, stderr=child, env=env)
+        os.close(child)
+        out = err = _Output(main)
+    else:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        out, err = _Output(proc.stdout.fileno()), _Output(proc.stderr.fileno())
+    try:
+        out.wait_for("message 1 of 4", proc)
+        pub.publish(LoadSnapshot(dp_rank=0, num_running_reqs=2, max_running_requests=8))
+        out.wait_for("message 2 of 4", proc)
+        assert server.stop() == 0
+        if terminal:
+            out.wait_for("reconnecting (attempt 1, next in 0.1 s): loadsvc is shutting down; reconnect", proc)
+        else:
+            err.wait_for(f"loadsvc watch: loadsvc is shutting down; reconnect; reconnecting to {target} "
+                         "in 0.1 s (attempt 1)", proc)
+            err.wait_for("(attempt 2)", proc)  # the server is down: attempts go on, 0.2 s later
+        assert proc.poll() is None
+        server.close()
+        server = start_serve(shm_path, grpc_port=grpc_port, http_port=http_port, args=store_args)
+        out.wait_for("message 3 of 4", proc)
+        pub.publish(LoadSnapshot(dp_rank=0, num_running_reqs=3, max_running_requests=8))
+        assert proc.wait(20) == 0, out.text + err.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.close()
+        pub.close()
+    out.thread.join(5)
+    err.thread.join(5)
+    if terminal:
+        os.close(main)
+        assert "message 4 of 4 · Ctrl-C quits" in out.plain()
+        assert "Traceback" not in out.text
+    else:
+        running = [rows(block)["0"][3] for block in out.text.split("message ")[1:]]
+        assert running == ["1/8", "2/8", "2/8", "3/8"]  # the new server's first message: the region as it is
+        assert f"loadsvc watch: reconnected to {target}" in err.text
+        assert "Traceback" not in err.text
+
+
+def test_watch_gives_up_on_errors_that_a_reconnect_does_not_cure(deployment, cli):
+    """Before its first message, or for a refused request, watch ends (exit 1/2) instead of retrying."""
+    result = cli("watch", "--grpc", deployment.target, "--include", "bogus", "--count", "1")
+    assert result.returncode == 2 and "invalid request" in result.stderr and "reconnect" not in result.stderr
+
+
+# -- the table at any width ----------------------------------------------------------------------
+
+
+def _wide_response() -> Any:
+    """Four ranks: a busy healthy one with every section, an unreachable one, a stale one, one never
+    published; numbers as wide as they get in practice."""
+    return pb.GetLoadsResponse(
+        timestamp="2026-01-02T03:04:05.678+00:00", dp_rank_count=4,
+        loads=[
+            pb.LoadSnapshot(dp_rank=0, status=pb.LOAD_STATUS_HEALTHY, age_ms=4, num_running_reqs=128,
+                            max_running_requests=128, num_waiting_reqs=1234, num_used_tokens=1_234_567,
+                            max_total_num_tokens=2_000_000, token_usage=0.617, gen_throughput=12_345,
+                            cache_hit_rate=0.23, utilization=1.0, memory=pb.MemoryMetrics(weight_gb=1),
+                            speculative=pb.SpeculativeMetrics(accept_length=2),
+                            lora=pb.LoRAMetrics(slots_used=1),
+                            disaggregation=pb.DisaggregationMetrics(mode="prefill"), queues=pb.QueueMetrics()),
+            pb.LoadSnapshot(dp_rank=1, status=pb.LOAD_STATUS_UNREACHABLE, age_ms=754_000, num_running_reqs=7,
+                            max_running_requests=64, num_waiting_reqs=0, num_used_tokens=51_234,
+                            max_total_num_tokens=123_456, token_usage=0.415, gen_throughput=987,
+                            cache_hit_rate=0.375, utilization=0.625, memory=pb.MemoryMetrics()),
+            pb.LoadSnapshot(dp_rank=2, status=pb.LOAD_STATUS_STALE, age_ms=3_500, num_running_reqs=0,
+                            max_running_requests=64, max_total_num_tokens=65_536),
+        ])
+
+
+# every number of _wide_response, as each column shows it (full, compact)
+_EXPECTED = {
+    "0": {"running": "128/128", "waiting": "1234", "tokens used/max": ("1,234,567/2,000,000", "1.2M/2M"),
+          "usage": "62%", "throughput": ("12,345 tok/s", "12,345"), "cache hit": "23%", "util": "100%",
+          "age": "4 ms", "status": "healthy", "sections": "mem spec lora disagg:prefill queues"},
+    "1": {"running": "7/64", "waiting": "0", "tokens used/max": ("51,234/123,456", "51k/123k"), "usage": "42%",
+          "throughput": ("987 tok/s", "987"), "cache hit": "38%", "util": "62%", "age": "12m 34s",
+          "status": "unreachable", "sections": "mem"},
+    "2": {"running": "0/64", "waiting": "0", "tokens used/max": ("0/65,536", "0/66k"), "usage": "0%",
+          "throughput": ("0 tok/s", "0"), "cache hit": "0%", "util": "0%", "age": "3.5 s", "status": "stale",
+          "sections": ""},
+}
+_SHORT = {"running": "run", "waiting": "wait", "tokens used/max": "tokens", "throughput": "tok/s",
+          "cache hit": "hit"}
+
+
+def _render(width: int | None, console_width: int) -> str:
+    import io
+
+    from rich.console import Console
+
+    from loadsvc.client import loads_table
+
+    console = Console(width=console_width, file=io.StringIO(), color_system=None)
+    console.print(loads_table(_wide_response(), "127.0.0.1:50051", note="message 12 of 100 · Ctrl-C quits",
+                              width=width))
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 120, 136, 160])
+def test_table_fits_the_console_and_shows_every_number_it_keeps_whole(width):
+    text = _render(width, width)
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= width
+    assert "…" not in text
+    header = next(line for line in text.splitlines() if line.startswith("┃"))
+    names = [c.strip() for c in header.strip("┃").split("┃")]
+    full = {name: name for name in ("rank", "status", "age", "usage", "util", "sections", *_SHORT)}
+    short = {**full, **{v: k for k, v in _SHORT.items()}}
+    compact = names != [n for n in names if n in full] or any(n in _SHORT.values() for n in names)
+    columns = [(short if compact else full)[n] for n in names]
+    # always there: who is busy and who is not
+    assert {"rank", "status", "running", "waiting", "usage", "util"} <= set(columns), names
+    table = rows(text)
+    assert table["3"][:2] == ["3", "not published"]
+    for rank, expected in _EXPECTED.items():
+        cells = dict(zip(columns, table[rank]))
+        for column, value in cells.items():
+            if column == "rank":
+                continue
+            want = expected[column]
+            if isinstance(want, tuple):
+                want = want[compact]
+            assert value == want, (width, rank, column)
+    hidden = [name for name in ("sections", "tokens used/max", "age", "cache hit", "throughput")
+              if name not in columns]
+    if hidden:
+        assert f"not shown at {width} columns: {', '.join(hidden)}" in " ".join(text.split())
+    if width >= 160:
+        assert columns == ["rank", "status", "age", "running", "waiting", "tokens used/max", "usage",
+                           "throughput", "cache hit", "util", "sections"] and not compact
+
+
+def test_table_without_a_width_has_every_column():
+    text = _render(None, 200)
+    assert "tokens used/max" in text and "sections" in text and "not shown" not in text
+    assert rows(text)["0"][5] == "1,234,567/2,000,000"
+
+
+def test_get_at_80_columns_and_through_a_pipe(deployment):
+    """COLUMNS=80: the table fits 80 columns; a pipe without COLUMNS: every column, plain text."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    narrow = subprocess.run([sys.executable, "-m", "loadsvc", "get", "--grpc", deployment.target],
+                            capture_output=True, text=True, timeout=20, env={**env, "COLUMNS": "80"})
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80 and "…" not in narrow.stdout
+    own = rows(narrow.stdout)["3"]
+    assert own[:2] == ["3", "healthy"] and "17/96" in own and "41%" in own and "62%" in own
+    assert "not shown at 80 columns: sections" in " ".join(narrow.stdout.split())
+    piped = subprocess.run([sys.executable, "-m", "loadsvc", "get", "--grpc", deployment.target],
+                           capture_output=True, text=True, timeout=20, env=env)
+    assert piped.returncode == 0, piped.stderr
+    assert "\x1b[" not in piped.stdout and "…" not in piped.stdout
+    assert rows(piped.stdout)["3"][3:11] == ["17/96", "4", "51,234/123,456", "41%", "1,234 tok/s", "38%",
+                                            "62%", "mem queues"]
+
+
+# -- --grpc that cannot be right ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["get", "watch"])
+@pytest.mark.parametrize("target, says", [
+    ("localhost", "--grpc localhost has no port (gRPC would dial 443): give --grpc HOST:PORT, "
+                  "e.g. 127.0.0.1:50051"),
+    ("127.0.0.1:http", "--grpc 127.0.0.1:http: the port must be a number 1..65535: give --grpc HOST:PORT, "
+                       "e.g. 127.0.0.1:50051"),
+    ("::1", "--grpc ::1: an IPv6 address goes in brackets, e.g. [::1]:50051"),
+])
+def test_grpc_target_without_a_port_or_bad_is_a_one_line_error(cli, command, target, says):
+    result = cli(command, "--grpc", target)
+    assert result.returncode == 2
+    assert result.stderr == f"loadsvc {command}: {says}\n"
+
+
+@pytest.mark.parametrize("command", ["get", "watch"])
+def test_grpc_pointed_at_the_rest_port_says_so(deployment, cli, command):
+    target = f"127.0.0.1:{deployment.server.http_port}"
+    result = cli(command, "--grpc", target, *(["--count", "1"] if command == "watch" else []))
+    assert result.returncode == 1
+    assert result.stderr == (f"loadsvc {command}: {target} answers HTTP/1, not gRPC: is it the REST port "
+                             "(--http-port)? point --grpc at the gRPC port (--grpc-port of serve and demo), "
+                             "e.g. --grpc 127.0.0.1:50051\n")
+
+
 # -- TLS and API key -----------------------------------------------------------------------
 
 

@@ -10,9 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -21,6 +24,7 @@ import pytest
 from conftest import free_port, port_is_free
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc
+from loadsvc import demo as demo_module
 from loadsvc.demo import run_demo
 from loadsvc.settings import DemoSettings
 
@@ -28,14 +32,14 @@ READY = "Ctrl-C stops the demo."
 
 
 class DemoProcess:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, command: Sequence[str] = (sys.executable, "-m", "loadsvc"),
+                 cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         while self.http_port == self.grpc_port:
             self.http_port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loadsvc", "demo", "--grpc-port", str(self.grpc_port),
-             "--http-port", str(self.http_port), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [*command, "demo", "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
         self.lines: queue.Queue[str] = queue.Queue()
         self.out: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -43,6 +47,7 @@ class DemoProcess:
     def _pump(self) -> None:
         for line in self.proc.stdout:
             self.lines.put(line)
+        self.lines.put("")  # end of output: the demo exited
 
     def wait_ready(self, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
@@ -52,6 +57,10 @@ class DemoProcess:
             except queue.Empty:
                 raise AssertionError(f"no {READY!r} within {timeout} s; stdout so far:\n"
                                      + "".join(self.out)) from None
+            if not line:
+                self.proc.wait(10)
+                raise AssertionError(f"the demo exited with {self.proc.returncode} before {READY!r}; "
+                                     f"stdout:\n{''.join(self.out)}stderr:\n{self.proc.stderr.read()}")
             self.out.append(line)
             if line.strip() == READY:
                 return "".join(self.out)
@@ -71,8 +80,8 @@ class DemoProcess:
 def demo_process():
     started: list[DemoProcess] = []
 
-    def start(*args: str) -> DemoProcess:
-        d = DemoProcess(*args)
+    def start(*args: str, **kwargs: Any) -> DemoProcess:
+        d = DemoProcess(*args, **kwargs)
         started.append(d)
         return d
 
@@ -131,6 +140,31 @@ def test_demo_serves_four_moving_ranks_and_stops_on_sigint(demo_process):
     assert "Traceback" not in demo.proc.stderr.read()
 
 
+@pytest.mark.parametrize("engine", [False, True], ids=["simulator", "engine"])
+def test_demo_runs_from_a_directory_holding_another_loadsvc_folder(demo_process, tmp_path, engine):
+    """`loadsvc demo` started where a `loadsvc/` folder (a clone, say) sits in the current directory:
+    its children (`python -m loadsvc ...`) import the installed package, not that folder."""
+    decoy = tmp_path / "loadsvc"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('imported the loadsvc/ folder of the current "
+                                       "directory instead of the installed package')\n")
+    command = Path(sysconfig.get_path("scripts")) / "loadsvc"  # the console script, as a user runs it
+    assert command.exists(), f"no {command}: is loadsvc installed in this environment?"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    args = ("--engine", "--router-port", str(free_port())) if engine else ()
+    demo = demo_process(*args, command=[str(command)], cwd=tmp_path, env=env)
+    banner = demo.wait_ready()
+    assert f"REST  http://127.0.0.1:{demo.http_port}/v1/loads" in banner
+    with httpx.Client(trust_env=False, timeout=5) as http:
+        loads = http.get(f"http://127.0.0.1:{demo.http_port}/v1/loads").json()["loads"]
+    assert [load["dp_rank"] for load in loads] == [0, 1, 2, 3]
+    demo.proc.send_signal(signal.SIGINT)
+    demo.proc.wait(15)
+    err = demo.proc.stderr.read()
+    assert demo.proc.returncode == 0, err
+    assert "ImportError" not in err and "Traceback" not in err
+
+
 def test_demo_stops_everything_when_a_child_dies(demo_process):
     demo = demo_process()
     banner = demo.wait_ready()
@@ -170,10 +204,13 @@ def test_engine_mode_not_available_without_the_engine(monkeypatch, capsys):
 
 
 def test_demo_engine_mode_routes_through_the_reference_router(demo_process):
-    demo = demo_process("--engine")
+    router_port = free_port()
+    demo = demo_process("--engine", "--router-port", str(router_port))
     banner = demo.wait_ready()
+    assert "loadsvc demo: a toy engine with 4 ranks publishing into " in banner
     region = Path(re.search(r"publishing into (\S+\.shm)", banner).group(1))
     router = re.search(r"router HTTP  (http://\S+)", banner).group(1)
+    assert router == f"http://127.0.0.1:{router_port}"
     assert f"curl -s {router}/generate" in banner
     assert len(demo.children()) == 3  # the server, the engine and the router
     with httpx.Client(trust_env=False, timeout=30) as http:
@@ -195,3 +232,43 @@ def test_same_port_twice_is_a_usage_error(capsys):
     port = free_port()
     assert run_demo(DemoSettings(grpc_port=port, http_port=port)) == 2
     assert f"--grpc-port and --http-port are both {port}" in capsys.readouterr().err
+
+
+def test_default_ports_are_taken_when_free_and_replaced_when_in_use(monkeypatch):
+    """Without port flags the demo takes the usual ports (the README's examples paste as they
+    are); one in use is replaced by a free port, with a note naming the flag that picks one."""
+    usual = {"DEFAULT_GRPC_PORT": free_port(), "DEFAULT_HTTP_PORT": free_port(),
+             "DEFAULT_ROUTER_PORT": free_port()}
+    assert len(set(usual.values())) == 3
+    for name, port in usual.items():
+        monkeypatch.setattr(demo_module, name, port)
+    grpc_port, http_port, router_port = usual.values()
+
+    ports, notes = demo_module._resolve_ports(DemoSettings(engine=True))
+    assert (ports.grpc, ports.http, ports.router) == (grpc_port, http_port, router_port) and notes == []
+    assert len({ports.grpc, ports.http, ports.router, ports.engine_http, ports.engine_grpc}) == 5
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", http_port))
+        s.listen()
+        ports, notes = demo_module._resolve_ports(DemoSettings(engine=True))
+    assert (ports.grpc, ports.router) == (grpc_port, router_port) and ports.http not in usual.values()
+    assert notes == [f"port {http_port} (REST) is in use; using {ports.http} instead "
+                     "(--http-port PORT picks one)"]
+
+    # a flag that takes another default port moves that one aside
+    ports, notes = demo_module._resolve_ports(DemoSettings(grpc_port=http_port))
+    assert ports.grpc == http_port and ports.http not in usual.values()
+    assert notes == [f"port {http_port} (REST) is in use; using {ports.http} instead "
+                     "(--http-port PORT picks one)"]
+
+
+def test_banner_counts_ranks_in_words(capsys):
+    ports = demo_module._Ports(grpc=50051, http=8000, router=8080, engine_http=30000, engine_grpc=30001)
+    region = Path("/dev/shm/loadsvc-demo-x.shm")
+    demo_module._Demo(DemoSettings(engine=True, dp_size=1), region, ports).banner()
+    demo_module._Demo(DemoSettings(dp_size=1), region, ports).banner()
+    out = capsys.readouterr().out
+    assert f"loadsvc demo: a toy engine with 1 rank publishing into {region}" in out
+    assert f"loadsvc demo: 1 simulated rank publishing into {region}" in out
+    assert "curl -s http://127.0.0.1:8080/generate" in out and "  loadsvc get\n" in out  # default ports: no --grpc

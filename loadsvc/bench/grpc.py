@@ -35,12 +35,12 @@ import platform
 import queue
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from typing import Any
 
+from loadsvc._spawn import loadsvc_command
 from loadsvc.bench import (cpu_model, cpu_seconds, free_port, gocall, percentile, process_tree, reap, stop_process,
                            wait_listening)
 from loadsvc.shm import default_path
@@ -398,7 +398,7 @@ class _Server:
         self.target = f"127.0.0.1:{self.grpc_port}"
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loadsvc", "--log-level", "INFO", "serve", "--shm", shm,
+            [*loadsvc_command("--log-level", "INFO"), "serve", "--shm", shm,
              "--dp-size", str(RANKS), "--grpc-port", str(self.grpc_port), "--http-port", str(http_port),
              "--grpc-workers", str(workers)],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -26,13 +26,13 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from loadsvc._spawn import loadsvc_command, python_command
 from loadsvc.bench import cpu_seconds, free_port, percentile, stop_process
 
 TARGET_P99_MS = 5.0
@@ -173,7 +173,7 @@ def measure(seconds: float, *, use_netns: bool, workdir: Path) -> dict[str, Any]
         serve_log = workdir / "serve.log"
         with open(serve_log, "wb") as out:
             serve = subprocess.Popen(
-                [*where["node0"], sys.executable, "-m", "loadsvc", "--log-level", "WARNING", "serve",
+                [*where["node0"], *loadsvc_command("--log-level", "WARNING"), "serve",
                  "--shm", str(shm), "--dp-size", str(RANKS), "--host", bind,
                  "--grpc-port", str(grpc_port), "--http-port", str(http_port),
                  "--collect", f"tcp://{bind}:{zmq_port}",
@@ -187,7 +187,7 @@ def measure(seconds: float, *, use_netns: bool, workdir: Path) -> dict[str, Any]
         if not sub.ready.wait(10) or sub.error is not None:
             raise RuntimeError(f"WatchLoads did not start: {sub.error}")
         publisher = subprocess.Popen(
-            [*where["node1"], sys.executable, "-c", PUBLISHER, endpoint, str(server_pub), str(pub_sec),
+            [*where["node1"], *python_command("-c", PUBLISHER), endpoint, str(server_pub), str(pub_sec),
              str(RANKS), str(RATE_HZ), str(WARMUP_S), str(seconds), str(ROUNDS)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
         procs.append(publisher)

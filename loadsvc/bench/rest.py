@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadsvc._spawn import python_command
 from loadsvc.bench import free_port, machine_summary
 
 RANKS = 8
@@ -226,7 +227,7 @@ def _serve_baseline(path: Path, ranks: int, port: int) -> None:
 
 
 def _spawn(*role: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "loadsvc.bench.rest", *role],
+    return subprocess.Popen(python_command("-m", "loadsvc.bench.rest", *role),
                             stdin=subprocess.DEVNULL)
 
 

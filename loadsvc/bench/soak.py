@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadsvc._spawn import loadsvc_command
 from loadsvc.bench import cpu_seconds, free_port, machine_summary, percentile, reap, stop_process, wait_listening
 
 __all__ = ["run", "RSS_GROWTH_BOUND_MB"]
@@ -331,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
           f"region {shm}, serve log {log_file.name}", flush=True)
 
     ctx = mp.get_context("spawn")
-    serve = subprocess.Popen([sys.executable, "-m", "loadsvc", "serve", "--shm", str(shm), "--dp-size",
+    serve = subprocess.Popen([*loadsvc_command("serve"), "--shm", str(shm), "--dp-size",
                               str(RANKS), "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
                              stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     children: list[Any] = []

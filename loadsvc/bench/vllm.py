@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadsvc._spawn import loadsvc_command, python_command
 from loadsvc.bench import free_port, machine_summary, percentile, stop_process, wait_listening
 
 TARGET_ADDED_US = 10.0
@@ -49,7 +50,7 @@ def _reexec_in_venv(argv: list[str]) -> int:
     if (source / "pyproject.toml").exists():
         vllm_env.install_loadsvc(source)
     print(f"loadsvc bench vllm: running in {vllm_env.venv_dir()} (vLLM is not installed here)", flush=True)
-    return subprocess.run([str(vllm_env.venv_python()), "-m", "loadsvc", "bench", "vllm", *argv],
+    return subprocess.run([str(vllm_env.venv_python()), "-P", "-m", "loadsvc", "bench", "vllm", *argv],
                           cwd="/").returncode
 
 
@@ -139,7 +140,7 @@ class _Arrivals:
     """
 
     def __init__(self, target: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "loadsvc.bench.vllm", target],
+        self.proc = subprocess.Popen(python_command("-m", "loadsvc.bench.vllm", target),
                                      stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd="/")
         self.seen: dict[int, int] = {}
         self.cond = threading.Condition()
@@ -187,8 +188,8 @@ async def _lag(logger: Any, shm: Path, probes: int) -> list[float]:
     from vllm.v1.metrics.stats import SchedulerStats
 
     port = free_port()
-    serve = subprocess.Popen([sys.executable, "-m", "loadsvc", "--log-level", "WARNING", "serve",
-                              "--shm", str(shm), "--grpc-port", str(port), "--http-port", str(free_port())],
+    serve = subprocess.Popen(loadsvc_command("--log-level", "WARNING", "serve", "--shm", str(shm),
+                                             "--grpc-port", str(port), "--http-port", str(free_port())),
                              stdin=subprocess.DEVNULL, cwd="/")
     try:
         wait_listening(port, serve)
