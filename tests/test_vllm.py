@@ -135,6 +135,13 @@ def test_vllm_dp2_publishes_through_plugin_and_middleware(vllm_python: Path, tin
             assert ld["max_running_requests"] == 4
             assert ld["max_total_num_tokens"] == kv_tokens  # one engine's KV cache, in tokens
             assert (ld["num_running_reqs"], ld["num_waiting_reqs"]) == (0, 0)
+        # The plugin's and the middleware's counters are on vLLM's own /metrics.
+        metrics = http.get(server.url + "/metrics").text
+        for rank in (0, 1):
+            published = re.search(rf'^loadsvc_vllm_publishes_total{{engine="{rank}"}} (\S+)$', metrics, re.M)
+            assert published and float(published[1]) >= 1, metrics[-2000:]
+            assert f'loadsvc_vllm_errors_total{{engine="{rank}"}} 0.0' in metrics
+        assert re.search(r'^loadsvc_rest_requests_total{endpoint="/v1/loads",status="200"} [1-9]', metrics, re.M)
         # Other routes still reach vLLM; HEAD is answered like GET without a body.
         assert http.get(server.url + "/v1/models").json()["data"][0]["id"] == str(tiny_model)
         head = http.head(server.url + "/v1/loads")
