@@ -88,7 +88,7 @@ from zmq.utils.monitor import recv_monitor_message
 from loadsvc import schema
 from loadsvc.schema import LoadSnapshot
 from loadsvc.settings import CurveClientSettings, CurveServerSettings, ServeSettings
-from loadsvc.shm import DEFAULT_PAYLOAD_CAPACITY, RegionError, ShmPublisher, ShmReader
+from loadsvc.shm import DEFAULT_PAYLOAD_CAPACITY, PwritePublisher, RegionError, ShmPublisher, ShmReader
 
 __all__ = [
     "ZmqPublisher",
@@ -720,17 +720,20 @@ class Collector:
             pub = self._claim(rank)
         snapshot.epoch = epoch
         if not pub.mapping_intact():
-            # Writing into a truncated mapping would kill serve with SIGBUS.
-            log.error("region %s was truncated under the collector; reopening it on a later frame",
-                      self.path)
+            # A truncated file: the write would not fault (pwrite) but land in a broken region.
             self._close_publishers()
             self._dp_size = None
             self._dp_size_checked = -math.inf
-            raise _Rejected("region_error", f"dp_rank {rank}: region {self.path} was truncated")
+            raise _Rejected("region_error", f"dp_rank {rank}: region {self.path} was truncated under "
+                                            "the collector; reopening it on a later frame")
         try:
             pub.publish(snapshot, publish_time_ns=received_ns)
         except ValueError as e:
             raise _Rejected("slot_overflow", f"dp_rank {rank}: {e}") from None
+        except OSError as e:  # pwrite into a file truncated since the check (ENOSPC, EFBIG)
+            self._close_publishers()
+            raise _Rejected("region_error",
+                            f"dp_rank {rank}: cannot write {self.path}: {e.strerror}") from None
         state = self._ranks.get(rank)
         if state is None:
             self._ranks[rank] = _RankState(epoch, seq)
@@ -748,8 +751,9 @@ class Collector:
             raise _Rejected("rank_owned", f"dp_rank {rank} is owned by a local publisher of {self.path}")
         store = self.settings.store
         try:
-            pub = ShmPublisher(self.path, dp_size=self._dp_size or 0, dp_rank=rank,
-                               mode=store.region_mode)
+            # pwrite, not stores into the mapping: a file truncated under serve must not kill it
+            pub = PwritePublisher(self.path, dp_size=self._dp_size or 0, dp_rank=rank,
+                                  mode=store.region_mode)
         except RegionError as e:
             # ShmPublisher says "already" only when another live writer holds the
             # rank (its record lock); anything else is a problem with the file.
