@@ -228,7 +228,7 @@ class _Region:
         if slot_size != expect_slot:
             raise RegionError(f"{where}: corrupt header (slot size {slot_size}, expected {expect_slot} "
                               f"for payload capacity {capacity})")
-        need = slots_off + slot_count * slot_size
+        need: int = slots_off + slot_count * slot_size
         if size < need:
             raise RegionError(f"{where}: file is {size} bytes, the header describes {need} "
                               f"({slot_count} slots); truncated")
@@ -381,7 +381,7 @@ class ShmPublisher:
         self._seq_index = r.seq_off // 8 + dp_rank
         self._capacity = r.payload_capacity
         self._buffers = (r.buffer_offset(dp_rank, 0), r.buffer_offset(dp_rank, 1))
-        self._seq = self._q[self._seq_index]  # continue after a previous owner
+        self._seq: int = self._q[self._seq_index]  # continue after a previous owner
         self._encode = msgspec.msgpack.Encoder().encode
         self.epoch = secrets.randbits(63) | 1
 
@@ -466,7 +466,7 @@ class ShmPublisher:
     def close(self) -> None:
         if self._region is None:
             return
-        self._q = self._mm = None  # type: ignore[assignment]
+        self._q = self._mm = None
         if self._owned is not None:
             _OWNED.discard(self._owned)
         self._region.close()  # closing the fd drops the lock

@@ -3,6 +3,8 @@
     serve SIGKILLed, restarted        publishers never notice; the new server shows every rank at once
     region removed / truncated        serve detaches (/health 503, gRPC NOT_SERVING), stays up,
                                       re-attaches to a new region
+    region truncated in a loop        by a local process, with a publisher and a relayed rank:
+                                      serve never dies of SIGBUS, answers throughout, recovers
     publisher SIGKILLed mid-write     no torn read: readers keep its last complete publish; rank stale
     /dev/shm full or read-only        a RegionError naming the path and the reason (a small tmpfs)
     two publishers for one rank       the second is refused with a clear error; the first's death
@@ -10,7 +12,8 @@
 
 Truncating a region under a live *publisher* is not survivable by that publisher:
 its next store into the mapping past the new end of file raises SIGBUS (as for any
-mmap). The server checks the mapping before each poll and detaches instead.
+mmap). The server never touches the mapping unguarded (reads are SIGBUS-guarded
+copies or pread, the collector writes with pwrite) and detaches instead.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@
     paused writer     state 2n+1 in the idle buffer: readers still return publish n
     corrupt buffers   bad checksum, garbage payload, another rank's payload: never returned
     creation race     8 processes creating or attaching one path at once
+    truncated         a file shrinking under a reader: RegionError, never SIGBUS, also while
+                      another process truncates it in a loop (opening and reading)
     errors            every RegionError / ValueError path, naming the file and what differs
 
 Writers put the sequence number they publish into `num_total_tokens`, and derive
