@@ -28,19 +28,34 @@ the collector stamps the header's epoch, the region assigns its own sequence,
 and the publish time is the collector's receive time, so a node whose clock is
 skewed can make a rank look neither fresher nor older than it is.
 
-Ordering, per rank (the collector keeps (epoch, seq) of the last accepted frame
-and the epochs it has seen replaced):
+Ordering, per rank (the collector keeps the epoch, seq and receive time of the
+last accepted frame, and the same for the epochs it has seen replaced):
 
 - same epoch: accepted only if seq is larger (a replayed or reordered frame
-  cannot move a rank backwards): otherwise ``stale_seq``.
+  cannot move a rank backwards): otherwise ``stale_seq``; and only if seq is at
+  most ``last + SEQ_RATE_CAP * seconds since the last accepted frame +
+  SEQ_SLACK``: otherwise ``seq_jump``, refused and not adopted (one frame with
+  seq 2**64-1 cannot block the epoch). SEQ_RATE_CAP (1,000,000/s) is beyond
+  any publisher (a publish costs microseconds of encoding and sending); seq
+  gaps come from frames the conflating socket dropped while the collector was
+  away or slow, and grow at the publisher's rate with time. SEQ_SLACK (1,000)
+  covers a backlog the collector drains back to back, where the gap arrives
+  right after the previous frame; past it, the next frames are accepted as
+  soon as the time since the last accepted frame covers the gap.
 - an epoch never seen for that rank: a restarted publisher (its seq starts
-  again at 1). Accepted; the previous epoch joins the rank's retired epochs.
-- a retired epoch: ``old_epoch``. An incarnation that was replaced never comes
-  back, so a delayed frame from before a restart, or a second (misconfigured)
-  publisher for the same rank, cannot flip the rank back. Epochs carry no
-  clock (a restarted rank may move to a node whose clock is behind), so "newer"
-  means "seen later by this collector". The last RETIRED_EPOCHS epochs per rank
-  are remembered; a collector restart forgets them (the first frame wins).
+  again at 1). Accepted at once; the previous epoch joins the rank's retired
+  epochs.
+- a retired epoch: ``old_epoch`` while the rank's current epoch is live (a
+  frame accepted within ``stale_after``, the store's --stale-after). A delayed
+  frame from before a restart, or a second publisher for the same rank, cannot
+  flip a live rank back. Once the current epoch has been silent for longer than
+  ``stale_after``, a retired epoch is accepted again (same seq rules against its
+  own last accepted frame) and becomes current: a short-lived extra publisher,
+  or a restarted one that died again, holds the rank only while it sends, and
+  the publisher it displaced takes the rank back. Epochs carry no clock (a
+  restarted rank may move to a node whose clock is behind), so "newer" means
+  "seen later by this collector". The last RETIRED_EPOCHS epochs per rank are
+  remembered; a collector restart forgets them (the first frame wins).
 
 Freshness: a node that stops publishing turns its ranks stale after the store's
 ``stale_after`` and unreachable after ``unreachable_after`` (both measured from
@@ -88,7 +103,7 @@ from zmq.utils.monitor import recv_monitor_message
 from loadsvc import schema
 from loadsvc.schema import LoadSnapshot
 from loadsvc.settings import CurveClientSettings, CurveServerSettings, ServeSettings
-from loadsvc.shm import DEFAULT_PAYLOAD_CAPACITY, RegionError, ShmPublisher, ShmReader
+from loadsvc.shm import DEFAULT_PAYLOAD_CAPACITY, PwritePublisher, RegionError, ShmPublisher, ShmReader
 
 __all__ = [
     "ZmqPublisher",
@@ -110,6 +125,8 @@ FRAME_HEADER = struct.Struct("<4sIIQQQ")
 _MAGIC_VERSION = FRAME_MAGIC + bytes([FRAME_VERSION])
 
 RETIRED_EPOCHS = 16  # replaced incarnations remembered per rank
+SEQ_RATE_CAP = 1_000_000  # publishes per second no publisher reaches: bounds a seq jump
+SEQ_SLACK = 1_000  # seq jump allowed on top of SEQ_RATE_CAP * elapsed (a backlog drained at once)
 LOG_EVERY = 10.0  # seconds: at most one log line per reject reason in this interval
 CLAIM_RETRY = 2.0  # seconds before retrying a rank owned by a local publisher
 REGION_CHECK = 1.0  # seconds between checks that the region file is still the same
@@ -134,7 +151,8 @@ REJECT_REASONS: dict[str, str] = {
     "decode": "payload does not decode as a LoadSnapshot (or an int is out of its range)",
     "rank_mismatch": "payload's dp_rank differs from the header's",
     "stale_seq": "seq not newer than the last accepted for that rank and epoch (replay, reorder)",
-    "old_epoch": "epoch of a publisher incarnation already replaced by a newer one",
+    "seq_jump": "seq further ahead of the last accepted than any publisher could have got since",
+    "old_epoch": "epoch of a replaced publisher incarnation, while the current one is live",
     "no_region": "no region yet and no --dp-size to create one",
     "rank_owned": "a local publisher owns that rank",
     "slot_overflow": "snapshot larger than the region's slot",
@@ -395,19 +413,24 @@ class ZmqPublisher:
 
 
 class _RankState:
-    __slots__ = ("epoch", "seq", "retired", "retired_set")
+    """Ordering of one rank: the current epoch's last accepted (seq, time), and the retired ones'."""
 
-    def __init__(self, epoch: int, seq: int) -> None:
+    __slots__ = ("epoch", "seq", "at", "retired")
+
+    def __init__(self, epoch: int, seq: int, at: float) -> None:
         self.epoch = epoch
         self.seq = seq
-        self.retired: collections.deque[int] = collections.deque()
-        self.retired_set: set[int] = set()
+        self.at = at  # time.monotonic() when the last frame of this epoch was accepted
+        # epoch -> (seq, at) of its last accepted frame, oldest first
+        self.retired: collections.OrderedDict[int, tuple[int, float]] = collections.OrderedDict()
 
-    def retire_current(self) -> None:
-        self.retired.append(self.epoch)
-        self.retired_set.add(self.epoch)
+    def switch_to(self, epoch: int) -> None:
+        """Make epoch current (new, or a retired one back); the current one retires."""
+        self.retired.pop(epoch, None)
+        self.retired[self.epoch] = (self.seq, self.at)
         if len(self.retired) > RETIRED_EPOCHS:
-            self.retired_set.discard(self.retired.popleft())
+            self.retired.popitem(last=False)
+        self.epoch = epoch
 
 
 class _Rejected(Exception):
@@ -445,6 +468,7 @@ class Collector:
         self.endpoint = settings.collect
         self.path = Path(settings.store.shm)
         self.max_frame_bytes = settings.max_frame_bytes
+        self.stale_after = settings.store.stale_after  # silence after which a retired epoch may return
         self._clock = clock
         self._on_write = on_write
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -704,15 +728,31 @@ class Collector:
             raise _Rejected("rank_mismatch", f"header dp_rank {rank}, payload dp_rank {snapshot.dp_rank}")
         state = self._ranks.get(rank)
         if state is not None:
-            if epoch == state.epoch:
-                if seq <= state.seq:
-                    raise _Rejected("stale_seq", f"dp_rank {rank}: seq {seq} not after {state.seq} "
-                                                 "(replayed or reordered frame)")
-            elif epoch in state.retired_set:
-                raise _Rejected("old_epoch", f"dp_rank {rank}: epoch {epoch:#x} was replaced by "
-                                             f"{state.epoch:#x} (a delayed frame from before a restart, "
-                                             "or two publishers for one rank)")
+            self._check_order(state, rank, epoch, seq, time.monotonic())
         return rank, snapshot, epoch, seq
+
+    def _check_order(self, state: _RankState, rank: int, epoch: int, seq: int, now: float) -> None:
+        """The ordering rules of the module docstring; raises _Rejected."""
+        if epoch == state.epoch:
+            last, at = state.seq, state.at
+        elif epoch in state.retired:
+            silent = now - state.at
+            if silent <= self.stale_after:
+                raise _Rejected("old_epoch", f"dp_rank {rank}: epoch {epoch:#x} was replaced by "
+                                             f"{state.epoch:#x}, which is live (last frame {silent:.1f} s "
+                                             f"ago; the old epoch may return after {self.stale_after:g} s "
+                                             "of silence)")
+            last, at = state.retired[epoch]
+        else:
+            return  # a new epoch: a restarted publisher, accepted at once
+        if seq <= last:
+            raise _Rejected("stale_seq", f"dp_rank {rank}: seq {seq} not after {last} "
+                                         "(replayed or reordered frame)")
+        bound = last + int(SEQ_RATE_CAP * max(0.0, now - at)) + SEQ_SLACK
+        if seq > bound:
+            raise _Rejected("seq_jump", f"dp_rank {rank}: seq {seq} jumps from {last} further than "
+                                        f"{SEQ_RATE_CAP:,} publishes/s could since the last accepted frame "
+                                        f"{now - at:.3f} s ago (at most {bound}); refused")
 
     def _write(self, rank: int, snapshot: Any, epoch: int, seq: int, received_ns: int) -> None:
         pub = self._pubs.get(rank)
@@ -720,27 +760,34 @@ class Collector:
             pub = self._claim(rank)
         snapshot.epoch = epoch
         if not pub.mapping_intact():
-            # Writing into a truncated mapping would kill serve with SIGBUS.
-            log.error("region %s was truncated under the collector; reopening it on a later frame",
-                      self.path)
+            # A truncated file: the write would not fault (pwrite) but land in a broken region.
             self._close_publishers()
             self._dp_size = None
             self._dp_size_checked = -math.inf
-            raise _Rejected("region_error", f"dp_rank {rank}: region {self.path} was truncated")
+            raise _Rejected("region_error", f"dp_rank {rank}: region {self.path} was truncated under "
+                                            "the collector; reopening it on a later frame")
         try:
             pub.publish(snapshot, publish_time_ns=received_ns)
         except ValueError as e:
             raise _Rejected("slot_overflow", f"dp_rank {rank}: {e}") from None
+        except OSError as e:  # pwrite into a file truncated since the check (ENOSPC, EFBIG)
+            self._close_publishers()
+            raise _Rejected("region_error",
+                            f"dp_rank {rank}: cannot write {self.path}: {e.strerror}") from None
+        now = time.monotonic()
         state = self._ranks.get(rank)
         if state is None:
-            self._ranks[rank] = _RankState(epoch, seq)
-        else:
-            if epoch != state.epoch:
-                log.info("dp_rank %d: new publisher epoch %#x (was %#x): a restarted publisher",
-                         rank, epoch, state.epoch)
-                state.retire_current()
-                state.epoch = epoch
-            state.seq = seq
+            self._ranks[rank] = _RankState(epoch, seq, now)
+            return
+        if epoch != state.epoch:
+            back = epoch in state.retired
+            self._log_limited("epoch", "dp_rank %d: %s %#x replaces %#x%s", rank,
+                              "earlier publisher epoch" if back else "new publisher epoch", epoch,
+                              state.epoch, f" (silent for {now - state.at:.1f} s)" if back
+                              else ": a restarted publisher")
+            state.switch_to(epoch)
+        state.seq = seq
+        state.at = now
 
     def _claim(self, rank: int) -> ShmPublisher:
         now = time.monotonic()
@@ -748,8 +795,9 @@ class Collector:
             raise _Rejected("rank_owned", f"dp_rank {rank} is owned by a local publisher of {self.path}")
         store = self.settings.store
         try:
-            pub = ShmPublisher(self.path, dp_size=self._dp_size or 0, dp_rank=rank,
-                               mode=store.region_mode)
+            # pwrite, not stores into the mapping: a file truncated under serve must not kill it
+            pub = PwritePublisher(self.path, dp_size=self._dp_size or 0, dp_rank=rank,
+                                  mode=store.region_mode)
         except RegionError as e:
             # ShmPublisher says "already" only when another live writer holds the
             # rank (its record lock); anything else is a problem with the file.
@@ -808,6 +856,17 @@ class Collector:
             pub.close()
         self._pubs.clear()
         self._region_identity = None
+
+    def _log_limited(self, key: str, msg: str, *args: Any) -> None:
+        """log.info, at most once per key per LOG_EVERY seconds (keys apart from reject reasons)."""
+        now = time.monotonic()
+        if now - self._last_log.get(key, -math.inf) < LOG_EVERY:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        suppressed = self._suppressed.pop(key, 0)
+        more = f" (+{suppressed} more since the last line)" if suppressed else ""
+        log.info(msg + "%s", *args, more)
+        self._last_log[key] = now
 
     def _reject(self, reason: str, detail: str, exc_info: bool = False) -> None:
         self.rejected[reason] += 1

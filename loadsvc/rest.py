@@ -264,6 +264,13 @@ class _ReaderCollector:
         for s in stores:
             fam.add_metric([str(s.settings.shm)], 1 if s.attached else 0)
         yield fam
+        fam = CounterMetricFamily("loadsvc_region_detached", "Times the server detached from the region "
+                                  "(truncated: it shrank under the reader; removed: removed or replaced)",
+                                  labels=["region", "reason"])
+        for s in stores:
+            for reason, count in s.detach_counters().items():
+                fam.add_metric([str(s.settings.shm), reason], count)
+        yield fam
 
 
 class _Metrics:

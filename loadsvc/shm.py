@@ -35,6 +35,19 @@ then hard-linked into place, so nobody ever sees a half-written header. A file
 that exists is validated: wrong magic, layout version, schema fingerprint or
 slot count is a RegionError naming the file and what differs.
 
+Truncation: anyone who may write the file can truncate it at any moment, and
+touching a mapping past the end of its file raises SIGBUS, which kills the
+process; checking the size first only narrows that window. So readers never
+touch the mapping unguarded: loadsvc._shmfast copies out of it in C under a
+SIGBUS guard (a fault ends the copy short instead), and without the C module
+readers read the file with os.pread (a short read, never a fault). Opening
+reads the header with pread and maps only the size the header describes. A
+reader whose file shrank raises RegionError; the server's store then detaches
+and re-attaches once the file is valid again. An engine's ShmPublisher keeps
+storing through the mapping (no syscall per publish), so truncating the file
+under a live engine kills that engine; the collector in the server, which
+writes remote ranks, uses PwritePublisher instead.
+
 Ownership: each publisher holds an advisory lock on one byte of its slot for
 its whole life, taken once when it attaches, never while publishing. A second
 publisher for the same rank gets a RegionError; the kernel drops the lock when
@@ -88,6 +101,10 @@ _HEADER = struct.Struct("<8sIIQIIIIQ")
 # state, publish time ns, length << 32 | crc32, reserved
 _BUFFER_HEADER = struct.Struct("<QQQQ")
 _BUFFER_STATE = struct.Struct("<QQQ")  # the first three of them
+_WORD = struct.Struct("<Q")
+# Bytes of payload the Python read loop copies with a buffer's header in one
+# pread (payloads are about 120-400 bytes); a longer one takes a second read.
+_FIRST_READ = 1024
 
 DEFAULT_STALE_AFTER = 3.0
 DEFAULT_UNREACHABLE_AFTER = 30.0
@@ -151,9 +168,11 @@ _time_ns = time.time_ns
 # go through _refresh as in the Python loop. Built at install when a compiler is
 # there (optional in pyproject.toml); without it the Python loop runs.
 try:
+    from loadsvc._shmfast import copy as _native_copy
+    from loadsvc._shmfast import install_guard as _install_guard
     from loadsvc._shmfast import read_changed as _native_read_changed
-except ImportError:  # not built: the Python loop
-    _native_read_changed = None
+except ImportError:  # not built: the Python loop, reading with os.pread
+    _native_read_changed = _native_copy = _install_guard = None
 
 
 def native_read_loop() -> bool:
@@ -167,24 +186,30 @@ class _Region:
     def __init__(self, path: Path, fd: int, writable: bool) -> None:
         self.path = path
         self.fd = fd
+        # The file may shrink at any moment (anyone who may write it can truncate
+        # it): the header is read with pread, never through a mapping, and only
+        # the size the header describes is mapped; mmap refuses a length beyond
+        # the end of the file, which is then a RegionError like any other.
         size = os.fstat(fd).st_size
-        if size < HEADER_SIZE:
-            raise RegionError(f"{path}: file is {size} bytes, smaller than the {HEADER_SIZE}-byte "
-                              "header; not a loadsvc region (or truncated); remove it to start afresh")
+        header = os.pread(fd, HEADER_SIZE, 0)
+        if len(header) < HEADER_SIZE:
+            raise RegionError(f"{path}: file is {min(size, len(header))} bytes, smaller than the "
+                              f"{HEADER_SIZE}-byte header; not a loadsvc region (or truncated); "
+                              "remove it to start afresh")
+        need = self._validate(header, size)
         access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-        # A whole number of 8-byte words, so the region can be viewed as words.
-        self.mm = mmap.mmap(fd, size - size % 8, access=access)
         try:
-            self._validate(size)
-        except BaseException:
-            self.mm.close()
-            raise
+            self.mm = mmap.mmap(fd, need, access=access)
+        except ValueError:  # "mmap length is greater than file size": it shrank since the fstat
+            raise RegionError(f"{path}: file shrank below the {need} bytes its header describes "
+                              "while being opened (truncated)") from None
         self.q = memoryview(self.mm).cast("Q")
         self.seq_off, self.slots_off, self.slot_size = _layout(self.slot_count, self.payload_capacity)
 
-    def _validate(self, size: int) -> None:
+    def _validate(self, header: bytes, size: int) -> int:
+        """Check the header against this loadsvc and the file's size; return the size it describes."""
         (magic, version, header_size, fingerprint, slot_count, slot_size, capacity, _r,
-         created_ns) = _HEADER.unpack_from(self.mm, 0)
+         created_ns) = _HEADER.unpack_from(header, 0)
         where = f"{self.path}"
         if magic != MAGIC:
             raise RegionError(f"{where}: bad magic {magic!r}, expected {MAGIC!r}; "
@@ -203,13 +228,14 @@ class _Region:
         if slot_size != expect_slot:
             raise RegionError(f"{where}: corrupt header (slot size {slot_size}, expected {expect_slot} "
                               f"for payload capacity {capacity})")
-        need = slots_off + slot_count * slot_size
+        need: int = slots_off + slot_count * slot_size
         if size < need:
             raise RegionError(f"{where}: file is {size} bytes, the header describes {need} "
                               f"({slot_count} slots); truncated")
         self.slot_count = slot_count
         self.payload_capacity = capacity
         self.created_ns = created_ns
+        return need
 
     def buffer_offset(self, rank: int, n: int) -> int:
         return self.slots_off + rank * self.slot_size + (n & 1) * (self.slot_size // 2)
@@ -351,14 +377,17 @@ class ShmPublisher:
         self._owned: tuple[int, int, int] | None = None
         if _exclusive:
             self._claim()
-        self._q = r.q
-        self._mm = r.mm
+        self._q, self._mm = self._stores(r)
         self._seq_index = r.seq_off // 8 + dp_rank
         self._capacity = r.payload_capacity
         self._buffers = (r.buffer_offset(dp_rank, 0), r.buffer_offset(dp_rank, 1))
-        self._seq = self._q[self._seq_index]  # continue after a previous owner
+        self._seq: int = self._q[self._seq_index]  # continue after a previous owner
         self._encode = msgspec.msgpack.Encoder().encode
         self.epoch = secrets.randbits(63) | 1
+
+    def _stores(self, r: _Region) -> tuple[Any, Any]:
+        """(words, bytes) publish() stores into: the mapping itself, one aligned store per word."""
+        return r.q, r.mm
 
     def _claim(self) -> None:
         r = self._region
@@ -425,8 +454,9 @@ class ShmPublisher:
         """False when the region file was truncated below this publisher's mapping (one fstat).
 
         Writing a truncated mapping raises SIGBUS. An engine's publish path never
-        calls this (no syscalls there); the relay's collector, which writes on
-        behalf of remote ranks inside the server, checks before each write.
+        calls this (no syscalls there). The relay's collector, which writes on
+        behalf of remote ranks inside the server with a PwritePublisher (which
+        never faults), checks before each write to notice a truncated file early.
         """
         try:
             return os.fstat(self._region.fd).st_size >= len(self._region.mm)
@@ -436,7 +466,7 @@ class ShmPublisher:
     def close(self) -> None:
         if self._region is None:
             return
-        self._q = self._mm = None  # type: ignore[assignment]
+        self._q = self._mm = None
         if self._owned is not None:
             _OWNED.discard(self._owned)
         self._region.close()  # closing the fd drops the lock
@@ -455,8 +485,59 @@ class ShmPublisher:
             pass
 
 
+class _FileWords:
+    """The region file as 8-byte words, read with pread and written with pwrite."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+
+    def __getitem__(self, index: int) -> int:
+        data = os.pread(self.fd, 8, 8 * index)
+        if len(data) != 8:
+            raise RegionError(f"{self.path}: region file truncated (word {index} is past its end)")
+        return int(_WORD.unpack(data)[0])
+
+    def __setitem__(self, index: int, value: int) -> None:
+        os.pwrite(self.fd, _WORD.pack(value), 8 * index)
+
+
+class _FileBytes:
+    """The region file as bytes for slice assignment, written with pwrite."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __setitem__(self, where: slice, data: bytes) -> None:
+        os.pwrite(self.fd, data, where.start)
+
+
+class PwritePublisher(ShmPublisher):
+    """A ShmPublisher that writes with pwrite, never through the mapping: for the collector in serve.
+
+    An engine's ShmPublisher stores into the mapping (no syscall per publish;
+    one aligned 8-byte store per word). If the file is truncated under it, its
+    next store raises SIGBUS and the engine dies: a local process able to write
+    the file can kill its own publishers, which it could do anyway. The
+    collector writes remote ranks from inside `loadsvc serve`, which must
+    survive that, so it writes with pwrite: into a truncated file pwrite never
+    faults (it writes past the end, in a file that no reader accepts any more).
+    A word written with pwrite is copied by the kernel, so a concurrent reader
+    may see it torn; readers already treat a state or sequence word that does
+    not match as a torn read (and the checksum is bound to the sequence), so a
+    torn word costs a retry, never a wrong snapshot. About 5 syscalls per publish.
+    """
+
+    def _stores(self, r: _Region) -> tuple[Any, Any]:
+        return _FileWords(r.fd, self.path), _FileBytes(r.fd)
+
+
 class ShmReader:
-    """The read side: lock-free, syscall-free reads with a decode cache per (rank, sequence).
+    """The read side: lock-free reads with a decode cache per (rank, sequence).
 
     ``ShmReader(path)`` takes dp_size from the header and raises RegionError
     when the file is missing or invalid. ``read(rank)`` returns the rank's
@@ -466,6 +547,13 @@ class ShmReader:
     rank changed it costs one copy and one comparison of the sequence words.
     Changed ranks are read in C where loadsvc._shmfast was built (``native``),
     else in Python; ``native=False`` asks for Python. Both give the same results.
+
+    Reads never touch the mapping unguarded: where loadsvc._shmfast was built
+    they copy out of it in C under a SIGBUS guard (no syscall), else they read
+    the file with os.pread. A file truncated under the reader (by anyone who
+    may write it) therefore makes ``read``, ``read_all`` and ``sequences``
+    raise RegionError, never kill the process; open a new reader once the
+    region is valid again (the server's store does that by itself).
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
@@ -493,9 +581,16 @@ class ShmReader:
         r = self._region
         self.dp_size = r.slot_count
         self.payload_capacity = r.payload_capacity
-        self._q = r.q
         self._mm = r.mm
-        self._seq_base = r.seq_off // 8
+        # (source, length, offset) -> bytes, short when the file is shorter now:
+        # a SIGBUS-guarded copy out of the mapping, or os.pread on the file.
+        if self._read_changed is not None and _native_copy is not None and _install_guard is not None:
+            _install_guard()  # on top again if something (faulthandler) replaced it since import
+            self._pread: Callable[[Any, int, int], bytes] = _native_copy
+            self._src: Any = r.mm
+        else:
+            self._pread, self._src = os.pread, fd
+        self._seq_off = r.seq_off
         self._seq_bytes = (r.seq_off, r.seq_off + 8 * r.slot_count)
         self._decode = msgspec.msgpack.Decoder(LoadSnapshot).decode
         self._cache: list[Any] = [None] * self.dp_size  # last good snapshot per rank
@@ -505,7 +600,7 @@ class ShmReader:
         self._seq_struct = struct.Struct(f"<{self.dp_size}Q")
         # Offset of buffer (n & 1) of rank r at index 2 * r + (n & 1).
         self._buffers = [r.buffer_offset(rank, i) for rank in range(self.dp_size) for i in (0, 1)]
-        self._all_key = b""
+        self._all_key: bytes | None = None
         self._all: list[Any] = []
         self.torn_retries = 0  # buffer changed or checksum failed during a copy
         self.unavailable = 0  # reads that gave up after READ_RETRIES
@@ -514,28 +609,46 @@ class ShmReader:
         self._identity = (stat.st_dev, stat.st_ino)
 
     def read(self, rank: int) -> Any:
-        """The latest snapshot of rank (None if never published); raises IndexError if out of range."""
+        """The latest snapshot of rank (None if never published); raises IndexError if out of range.
+
+        RegionError when the file was truncated under the reader.
+        """
         if not 0 <= rank < self.dp_size:
             raise IndexError(f"dp_rank {rank} out of range 0..{self.dp_size - 1} ({self.path})")
-        n = self._q[self._seq_base + rank]
+        (n,) = _WORD.unpack(self._copy(self._seq_off + 8 * rank, 8))
         if n == self._cache_seq[rank]:
             return self._cache[rank]
         return self._refresh(rank, n)
 
+    def _copy(self, offset: int, length: int) -> bytes:
+        """length bytes of the region at offset; RegionError when the file is shorter now."""
+        try:
+            data = self._pread(self._src, length, offset)
+        except OSError as e:
+            raise RegionError(f"{self.path}: cannot read the region: {e.strerror}") from e
+        if len(data) != length:
+            raise self._truncated()
+        return data
+
+    def _truncated(self) -> RegionError:
+        return RegionError(f"{self.path}: region file truncated under this reader (it shrank below "
+                           "the size its header describes); open a new reader once it is valid again")
+
     def _refresh(self, rank: int, n: int) -> Any:
-        # Hot path when a rank changed: kept flat (no helper calls) on purpose.
-        q, mm = self._q, self._mm
+        # The slow path (retries, counting) for a rank that changed.
+        copy = self._copy
         slot = self._slots_off + rank * self._slot_size
         half = self._slot_size >> 1
         for _ in range(READ_RETRIES):
             if n == 0:
                 return self._cache[rank]
             base = slot + (n & 1) * half
-            w = base >> 3
-            state, t, lc, _r = _BUFFER_HEADER.unpack_from(mm, base)
+            head = copy(base, _BUFFER_STATE.size)
+            state, t, lc = _BUFFER_STATE.unpack(head)
             if state == 2 * n and (lc >> 32) <= self.payload_capacity:
-                data = mm[base + BUFFER_HEADER:base + BUFFER_HEADER + (lc >> 32)]
-                if q[w] == state and _crc32(data, (n * _CRC_MUL ^ t) & 0xFFFFFFFF) == lc & 0xFFFFFFFF:
+                data = copy(base + BUFFER_HEADER, lc >> 32)
+                if (copy(base, 8) == head[:8]
+                        and _crc32(data, (n * _CRC_MUL ^ t) & 0xFFFFFFFF) == lc & 0xFFFFFFFF):
                     try:
                         snap = self._decode(data)
                     except _DECODE_ERRORS:
@@ -549,38 +662,53 @@ class ShmReader:
                     self._cache_seq[rank] = n
                     return snap
             self.torn_retries += 1
-            n = q[self._seq_base + rank]
+            (n,) = _WORD.unpack(copy(self._seq_off + 8 * rank, 8))
             if n == self._cache_seq[rank]:
                 return self._cache[rank]
         self.unavailable += 1
         return self._cache[rank]
 
     def read_all(self) -> list[Any]:
-        """Snapshots of every published rank, ascending rank; cheap when nothing changed."""
+        """Snapshots of every published rank, ascending rank; cheap when nothing changed.
+
+        RegionError when the file was truncated under the reader.
+        """
         a, b = self._seq_bytes
-        key = self._mm[a:b]
-        if key == self._all_key:
+        try:
+            key = self._pread(self._src, b - a, a)
+        except OSError:
+            key = b""
+        if key == self._all_key:  # never a short key: _all_key is a full one or None
             return self._all
+        if len(key) != b - a:
+            raise self._truncated()
         seqs = self._seq_struct.unpack(key)
         cache, cache_seq = self._cache, self._cache_seq
         if self._read_changed is not None:
-            for rank in self._read_changed(self._mm, seqs, cache, cache_seq, self._buffers,
-                                           self.payload_capacity, self._decode):
+            slow = self._read_changed(self._mm, seqs, cache, cache_seq, self._buffers,
+                                      self.payload_capacity, self._decode)
+            if slow is None:  # SIGBUS caught in C: the file shrank under the mapping
+                raise self._truncated()
+            for rank in slow:
                 self._refresh(rank, seqs[rank])
         else:
             self._read_changed_python(seqs)
         self._all = out = cache.copy() if None not in cache else [s for s in cache if s is not None]
         # Remember the key only when every rank was read at that sequence, so a
         # rank that could not be read intact is retried on the next call.
-        self._all_key = key if list(seqs) == cache_seq else b""
+        self._all_key = key if list(seqs) == cache_seq else None
         return out
 
     def _read_changed_python(self, seqs: tuple[int, ...]) -> None:
         cache, cache_seq = self._cache, self._cache_seq
         # The first attempt of _refresh, inlined with every name local (this loop
-        # runs for each changed rank); anything unusual falls back to _refresh,
-        # which retries and counts.
-        mm, q, buffers, capacity = self._mm, self._q, self._buffers, self.payload_capacity
+        # runs for each changed rank); anything unusual (a payload longer than the
+        # first read, a short read) falls back to _refresh, which retries, counts,
+        # and raises RegionError when the file shrank. Two reads per rank: the
+        # buffer with its payload, then its state word again.
+        pread, src, buffers = self._pread, self._src, self._buffers
+        first = BUFFER_HEADER + min(self.payload_capacity, _FIRST_READ)
+        fits = first - BUFFER_HEADER
         unpack, decode, crc32 = _BUFFER_STATE.unpack_from, self._decode, _crc32
         rank = -1
         for n in seqs:
@@ -588,10 +716,15 @@ class ShmReader:
             if n == cache_seq[rank]:
                 continue
             base = buffers[2 * rank + (n & 1)]
-            state, t, lc = unpack(mm, base)
-            if state == 2 * n and (lc >> 32) <= capacity:
-                data = mm[base + BUFFER_HEADER:base + BUFFER_HEADER + (lc >> 32)]
-                if q[base >> 3] == state and crc32(data, (n * _CRC_MUL ^ t) & 0xFFFFFFFF) == lc & 0xFFFFFFFF:
+            block = pread(src, first, base)
+            if len(block) != first:
+                self._refresh(rank, n)
+                continue
+            state, t, lc = unpack(block)
+            if state == 2 * n and (lc >> 32) <= fits:
+                data = block[BUFFER_HEADER:BUFFER_HEADER + (lc >> 32)]
+                if (pread(src, 8, base) == block[:8]
+                        and crc32(data, (n * _CRC_MUL ^ t) & 0xFFFFFFFF) == lc & 0xFFFFFFFF):
                     try:
                         snap = decode(data)
                     except _DECODE_ERRORS:
@@ -610,9 +743,9 @@ class ShmReader:
         return self._read_changed is not None
 
     def sequences(self) -> list[int]:
-        """The sequence word of every rank (0 = never published)."""
+        """The sequence word of every rank (0 = never published); RegionError if truncated."""
         a, b = self._seq_bytes
-        return list(self._seq_struct.unpack(self._mm[a:b]))
+        return list(self._seq_struct.unpack(self._copy(a, b - a)))
 
     def freshness(self, snapshot: Any, now_ns: int | None = None) -> tuple[Any, float]:
         """(Status, age_ms) of a snapshot under this reader's stale/unreachable bounds."""
@@ -636,9 +769,8 @@ class ShmReader:
     def mapping_intact(self) -> bool:
         """False when the mapped file was truncated below the mapping (one fstat).
 
-        Reading a truncated mapping raises SIGBUS and kills the process, so a
-        long-running reader (the server's store) calls this before each poll;
-        the read path itself stays free of syscalls.
+        A hint only: the file can shrink right after the check. Reads do not
+        depend on it (they raise RegionError on a truncated file, never SIGBUS).
         """
         try:
             # len(mm), the mapped length: mmap.size() fstat()s the file, so it shrinks with it.
@@ -649,7 +781,7 @@ class ShmReader:
     def close(self) -> None:
         if self._region is None:
             return
-        self._q = self._mm = None  # type: ignore[assignment]
+        self._mm = self._src = None  # type: ignore[assignment]
         self._region.close()
         self._region = None  # type: ignore[assignment]
 

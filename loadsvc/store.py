@@ -17,8 +17,12 @@ GetLoads and heartbeats without waking subscribers.
 
 The store attaches to the region lazily: with ``dp_size`` it creates the region
 if missing; without, it reports no ranks until a publisher creates it. It
-re-attaches when the file is removed or replaced (``attached`` is False in
-between, which health reports as NOT_SERVING).
+detaches when the file is removed, replaced or truncated under it (a read of a
+truncated file is a RegionError, never a SIGBUS: see loadsvc/shm.py), and
+re-attaches once a valid region is there again (``attached`` is False in
+between, which health reports as NOT_SERVING). Detaches are counted per reason
+(``detaches``); region events are logged at most once per kind per LOG_EVERY
+seconds, however fast a local process truncates and restores the file.
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ log = logging.getLogger("loadsvc.store")
 
 TICK = 0.1  # seconds between rebuilds for ages and status transitions
 ATTACH_RETRY = 0.5  # seconds between attempts to attach / checks that the file is still there
+LOG_EVERY = 10.0  # seconds: at most one log line per kind of region event (attach, detach, error)
+# A region truncated again within STABLE_AFTER seconds of being attached doubles the wait
+# before the next attach, up to MAX_ATTACH_RETRY: a file truncated and restored in a loop
+# turns health over a few times, not twice a second.
+STABLE_AFTER = 10.0
+MAX_ATTACH_RETRY = 8.0
+DETACH_REASONS = ("truncated", "removed")  # shrank under the reader; removed or replaced
 INCLUDE_TOKENS = ("core", "all", *SECTIONS)
 
 
@@ -187,6 +198,11 @@ class LoadStore:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._attach_listeners: list[Callable[[bool], None]] = []
+        self.detaches: dict[str, int] = dict.fromkeys(DETACH_REASONS, 0)
+        self._attach_retry = ATTACH_RETRY  # seconds between attach attempts while detached
+        self._attached_ns = 0
+        self._last_log: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
         self._try_attach()
 
     # -- region ------------------------------------------------------------
@@ -226,12 +242,40 @@ class LoadStore:
             reader = ShmReader(s.shm, stale_after=s.stale_after, unreachable_after=s.unreachable_after)
         except (RegionError, OSError) as e:
             if str(e) != self._attach_error:
-                log.warning("region not attached: %s", e)
+                self._log_limited("not_attached", logging.WARNING, "region not attached: %s", e)
             self._attach_error = str(e)
             return
-        log.info("attached region %s (%d ranks)", s.shm, reader.dp_size)
+        self._log_limited("attached", logging.INFO, "attached region %s (%d ranks)", s.shm, reader.dp_size)
         self._attach_error = None
+        self._attached_ns = self._clock()
         self._set_reader(reader)
+
+    def _detach(self, reason: str, error: str) -> None:
+        """Drop the reader (health NOT_SERVING until a re-attach), counted per reason."""
+        self.detaches[reason] += 1
+        self._log_limited("detached", logging.ERROR, "region %s %s under the server; detaching until "
+                          "it is valid again", self.settings.shm,
+                          "truncated" if reason == "truncated" else "removed or replaced")
+        now = self._clock()
+        if reason == "truncated" and now - self._attached_ns < STABLE_AFTER * 1e9:
+            self._attach_retry = min(2 * self._attach_retry, MAX_ATTACH_RETRY)
+        else:
+            self._attach_retry = ATTACH_RETRY
+        self._next_attach = now + int(self._attach_retry * 1e9)
+        self._set_reader(None)
+        self._attach_error = error
+
+    def _log_limited(self, kind: str, level: int, msg: str, *args: Any) -> None:
+        """log.log(level, msg, *args), at most once per kind per LOG_EVERY seconds."""
+        now = time.monotonic()
+        if now - self._last_log.get(kind, -LOG_EVERY) < LOG_EVERY:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last_log[kind] = now
+        suppressed = self._suppressed.pop(kind, 0)
+        if suppressed:
+            msg += f" (+{suppressed} more since the last such line)"
+        log.log(level, msg, *args)
 
     def _check_region(self) -> None:
         """Periodic (not per read): re-attach when the file is gone, replaced or truncated."""
@@ -239,10 +283,11 @@ class LoadStore:
             self._try_attach()
             return
         if self._reader.region_replaced():
-            log.warning("region %s was removed or replaced; re-attaching", self.settings.shm)
-            self._set_reader(None)
-            self._attach_error = f"{self.settings.shm}: region file removed or replaced"
-            self._try_attach()
+            if self._reader.mapping_intact():
+                self._detach("removed", f"{self.settings.shm}: region file removed or replaced")
+                self._try_attach()  # a new file may be there already
+            else:
+                self._detach("truncated", f"{self.settings.shm}: region file truncated")
 
     # -- views -------------------------------------------------------------
 
@@ -267,7 +312,8 @@ class LoadStore:
         """Look at the region now; rebuild the view if anything changed. True on a change."""
         now = self._clock()
         if now >= self._next_attach:
-            self._next_attach = now + int(ATTACH_RETRY * 1e9)
+            self._next_attach = now + int((ATTACH_RETRY if self._reader is not None else
+                                           self._attach_retry) * 1e9)
             self._check_region()
         reader = self._reader
         if reader is None:
@@ -278,13 +324,11 @@ class LoadStore:
                 self._notify()
                 return True
             return False
-        if not reader.mapping_intact():
-            log.error("region %s was truncated under the server; detaching until it is valid again",
-                      self.settings.shm)
-            self._set_reader(None)
-            self._attach_error = f"{self.settings.shm}: region file truncated"
+        try:
+            snaps = reader.read_all()
+        except (RegionError, OSError) as e:  # the file shrank under the reader (no SIGBUS: shm.py)
+            self._detach("truncated", str(e))
             return self.poll()
-        snaps = reader.read_all()
         if snaps is self._last_list and now < self._next_tick:
             return False
         before = self._change_version
@@ -376,6 +420,10 @@ class LoadStore:
         if r is None:
             return {"torn_retries": 0, "unavailable": 0, "corrupt": 0}
         return {"torn_retries": r.torn_retries, "unavailable": r.unavailable, "corrupt": r.corrupt}
+
+    def detach_counters(self) -> dict[str, int]:
+        """Times the store detached from its region, per reason (DETACH_REASONS)."""
+        return dict(self.detaches)
 
 
 def snapshot_dict(snap: Any, sections: frozenset[str]) -> dict[str, Any]:

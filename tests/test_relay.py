@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -230,7 +233,7 @@ def test_reordered_frames_cannot_move_a_rank_backwards(collector, shm_path, zctx
     assert c.rejected["stale_seq"] == 2 and c.accepted == 2
 
 
-def test_restarted_publisher_is_accepted_and_an_old_epoch_never_returns(collector, shm_path, zctx):
+def test_restarted_publisher_is_accepted_and_a_delayed_old_frame_is_refused(collector, shm_path, zctx):
     c = collector()
     first = ZmqPublisher(c.bound_endpoint, dp_size=DP, dp_rank=1)
     for i in range(1, 6):
@@ -244,7 +247,7 @@ def test_restarted_publisher_is_accepted_and_an_old_epoch_never_returns(collecto
     assert second.publish(snap(1, running=100)) == 1
     got = read_when(shm_path, 1, lambda s: s.num_running_reqs == 100)
     assert got.epoch == second.epoch
-    # a delayed frame of the replaced incarnation, even with a larger seq, is refused
+    # a delayed frame of the replaced incarnation, even with a larger seq, is refused (the new one is live)
     raw = RawSender(zctx, c.bound_endpoint)
     raw.send(encode_frame(msgspec.msgpack.encode(snap(1, running=6)), dp_rank=1, dp_size=DP,
                           epoch=old_epoch, seq=6))
@@ -253,6 +256,85 @@ def test_restarted_publisher_is_accepted_and_an_old_epoch_never_returns(collecto
     read_when(shm_path, 1, lambda s: s.num_running_reqs == 101)
     assert reader_value(shm_path, 1).epoch == second.epoch
     second.close()
+
+
+# A ZmqPublisher in a process of its own: prints its epoch, publishes num_running_reqs =
+# RUNNING every 10 ms for SECONDS (or until killed), then prints its last seq.
+_PUBLISHER = textwrap.dedent("""
+    import sys, time
+    from loadsvc import LoadSnapshot, ZmqPublisher
+    endpoint, rank, running, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    pub = ZmqPublisher(endpoint, dp_size=4, dp_rank=rank)
+    print(pub.epoch, flush=True)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pub.publish(LoadSnapshot(dp_rank=rank, num_running_reqs=running))
+        time.sleep(0.01)
+    print(pub.seq, flush=True)
+    pub.close()
+""")
+
+
+def publisher_process(endpoint: str, rank: int, running: int,
+                      seconds: float) -> tuple[subprocess.Popen[str], int]:
+    """(process, its publisher's epoch)."""
+    proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER, endpoint, str(rank), str(running),
+                             str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    assert line.strip(), proc.communicate(timeout=10)[1]
+    return proc, int(line)
+
+
+def test_an_extra_publisher_holds_a_rank_only_while_it_sends(collector, shm_path, zctx):
+    c = collector(stale_after=0.5)
+    live, live_epoch = publisher_process(c.bound_endpoint, 2, running=1, seconds=60)
+    try:
+        read_when(shm_path, 2, lambda s: s.num_running_reqs == 1 and s.epoch == live_epoch, 15)
+        # Another (authorized) publisher for rank 2, for one second: a new epoch, accepted at once.
+        extra, extra_epoch = publisher_process(c.bound_endpoint, 2, running=999, seconds=1.0)
+        read_when(shm_path, 2, lambda s: s.num_running_reqs == 999 and s.epoch == extra_epoch, 15)
+        out, err = extra.communicate(timeout=30)
+        assert extra.returncode == 0, err
+        extra_last = int(out.split()[-1])
+        # Meanwhile the live publisher's frames were refused: its epoch was replaced ...
+        assert c.rejected["old_epoch"] > 0
+        # ... and once the extra one has been silent for stale_after, the live one has the rank again.
+        got = read_when(shm_path, 2, lambda s: s.num_running_reqs == 1 and s.epoch == live_epoch, 15)
+        read_when(shm_path, 2, lambda s: s.seq > got.seq + 5 and s.epoch == live_epoch)  # and keeps it
+        # A delayed frame of the extra publisher, even with a newer seq, cannot flip it back now.
+        old_epoch_before = c.rejected["old_epoch"]
+        raw = RawSender(zctx, c.bound_endpoint)
+        raw.send(encode_frame(msgspec.msgpack.encode(snap(2, running=666)), dp_rank=2, dp_size=DP,
+                              epoch=extra_epoch, seq=extra_last + 1))
+        wait_for(lambda: c.rejected["old_epoch"] == old_epoch_before + 1, 5, "the delayed frame refused")
+        now = read_when(shm_path, 2, lambda s: s.seq > got.seq + 10)
+        assert (now.num_running_reqs, now.epoch) == (1, live_epoch)
+        assert c.rejected["stale_seq"] == 0 and c.rejected["seq_jump"] == 0
+    finally:
+        live.kill()
+        live.communicate(timeout=10)
+
+
+def test_a_seq_jump_is_refused_not_adopted(collector, shm_path, zctx):
+    c = collector()
+    live, live_epoch = publisher_process(c.bound_endpoint, 1, running=1, seconds=60)
+    try:
+        before = read_when(shm_path, 1, lambda s: s.num_running_reqs == 1 and s.epoch == live_epoch, 15)
+        raw = RawSender(zctx, c.bound_endpoint)
+        enc = msgspec.msgpack.encode
+        for seq in (2**64 - 1, 10**12):  # far past what the live publisher can have reached
+            raw.send(encode_frame(enc(snap(1, running=777)), dp_rank=1, dp_size=DP, epoch=live_epoch,
+                                  seq=seq))
+        wait_for(lambda: c.rejected.get("seq_jump") == 2, 5, "both jumps refused")
+        # The live publisher's next frames are still accepted: the jumps were not adopted.
+        seen = []
+        after = read_when(shm_path, 1, lambda s: seen.append(s.num_running_reqs) or s.seq > before.seq + 20)
+        assert after.epoch == live_epoch and set(seen) == {1}
+        assert c.rejected["stale_seq"] == 0 and c.rejected["old_epoch"] == 0
+        assert c.registry.get_sample_value("loadsvc_relay_frames_rejected_total", {"reason": "seq_jump"}) == 2
+    finally:
+        live.kill()
+        live.communicate(timeout=10)
 
 
 def test_publisher_never_blocks_and_delivers_the_latest_when_the_collector_appears(shm_path, zctx):

@@ -9,6 +9,8 @@
     paused writer     state 2n+1 in the idle buffer: readers still return publish n
     corrupt buffers   bad checksum, garbage payload, another rank's payload: never returned
     creation race     8 processes creating or attaching one path at once
+    truncated         a file shrinking under a reader: RegionError, never SIGBUS, also while
+                      another process truncates it in a loop (opening and reading)
     errors            every RegionError / ValueError path, naming the file and what differs
 
 Writers put the sequence number they publish into `num_total_tokens`, and derive
@@ -717,6 +719,128 @@ def test_concurrent_creation_is_safe(tmp_path: Path) -> None:
     finally:
         for path in paths:
             path.unlink(missing_ok=True)
+
+
+# --- a file truncated under its readers ----------------------------------------------------
+#
+# Any process that may write the region file can truncate it at any moment. Reading a
+# mapping past the end of its file raises SIGBUS, so each of these runs the reader in a
+# child process: without the guard the child dies of SIGBUS (exit code -7) instead of
+# reporting what it saw.
+
+
+def _read_after_truncation(path: str, native: bool, results: Any) -> None:
+    outcomes: list[tuple[str, str]] = []
+
+    def attempt(name: str, call: Any) -> None:
+        try:
+            outcomes.append((name, f"returned {call()!r}"))
+        except RegionError as e:
+            outcomes.append((name, str(e)))
+
+    with ShmPublisher(path, dp_size=2, dp_rank=0) as p0, ShmPublisher(path, dp_size=2, dp_rank=1) as p1:
+        p0.publish(checkable(0, 1))
+        p1.publish(checkable(1, 1))
+        reader = ShmReader(path, native=native)
+        outcomes.append(("before", repr([s.seq for s in reader.read_all()])))
+        p1.publish(checkable(1, 2))  # rank 1 changed: its buffer must be read again
+        # The sequence words are still in the file, the slots are not.
+        os.truncate(path, reader._slots_off)
+        attempt("read_all, slots cut", reader.read_all)
+        attempt("read(1), slots cut", lambda: reader.read(1))
+        os.truncate(path, 0)
+        attempt("read_all, empty", reader.read_all)
+        attempt("read(0), empty", lambda: reader.read(0))
+        attempt("sequences, empty", reader.sequences)
+        reader.close()
+    results.put(outcomes)
+
+
+def test_reads_of_a_truncated_file_raise_region_error(region: Path, native: bool) -> None:
+    results = SPAWN.Queue()
+    child = SPAWN.Process(target=_read_after_truncation, args=(str(region), native, results))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, f"reader child exited with {child.exitcode} (-7: killed by SIGBUS)"
+    outcomes = dict(results.get(timeout=10))
+    assert outcomes.pop("before") == "[1, 1]"
+    assert list(outcomes) == ["read_all, slots cut", "read(1), slots cut", "read_all, empty",
+                              "read(0), empty", "sequences, empty"]
+    for name, outcome in outcomes.items():
+        assert outcome == (f"{region}: region file truncated under this reader (it shrank below the "
+                           "size its header describes); open a new reader once it is valid again"), name
+
+
+def _truncate_in_a_loop(path: str, cycles: int, seconds: float, stop: Any, results: Any) -> None:
+    """ftruncate(0), ftruncate(size), then the saved contents back: a valid region again, briefly."""
+    fd = os.open(path, os.O_RDWR)
+    size = os.fstat(fd).st_size
+    saved = os.pread(fd, size, 0)
+    deadline = time.monotonic() + seconds
+    done = 0
+    while done < cycles and time.monotonic() < deadline and not stop.is_set():
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+        os.pwrite(fd, saved, 0)
+        done += 1
+    os.close(fd)
+    results.put(("attacker", done))
+
+
+def _open_and_read_while_truncated(path: str, native: bool, seconds: float, results: Any) -> None:
+    """Open readers and read until a refusal and a read of both ranks were seen (or seconds pass).
+
+    refused counts RegionErrors, from opening or from reading a reader opened before.
+    """
+    opened = refused = 0
+    seen: set[tuple[int, ...]] = set()
+    problems: list[str] = []
+    deadline = time.monotonic() + seconds
+    while (not refused or (0, 1) not in seen) and time.monotonic() < deadline:
+        try:
+            reader = ShmReader(path, native=native)
+        except RegionError:
+            refused += 1
+            continue
+        opened += 1
+        try:
+            for _ in range(50):
+                snaps = reader.read_all()
+                seen.add(tuple(s.dp_rank for s in snaps))
+                problems += [why for s in snaps if (why := violation(s, s.dp_rank)) or s.seq != 1]
+        except RegionError:
+            refused += 1
+        except Exception as e:  # anything else is a bug: report it
+            problems.append(f"{type(e).__name__}: {e}")
+        finally:
+            reader.close()
+    results.put(("reader", opened, refused, sorted(seen), problems[:5]))
+
+
+def test_open_and_read_race_a_process_truncating_the_file(region: Path, native: bool) -> None:
+    with ShmPublisher(region, dp_size=2, dp_rank=0) as p0, ShmPublisher(region, dp_size=2, dp_rank=1) as p1:
+        p0.publish(checkable(0, 1))
+        p1.publish(checkable(1, 1))
+    results, stop = SPAWN.Queue(), SPAWN.Event()
+    attacker = SPAWN.Process(target=_truncate_in_a_loop, args=(str(region), 2_000_000, 20.0, stop, results))
+    reader = SPAWN.Process(target=_open_and_read_while_truncated, args=(str(region), native, 15.0, results))
+    attacker.start()
+    reader.start()
+    try:
+        reader.join(60)
+        assert reader.exitcode == 0, f"reader child exited with {reader.exitcode} (-7: killed by SIGBUS)"
+        kind, opened, refused, seen, problems = results.get(timeout=10)
+        assert kind == "reader"
+        assert not problems, problems
+        # Both outcomes happened: the race was real. Every intact read returned the
+        # published snapshots (or, between ftruncate and the restore, none yet).
+        assert opened > 0 and refused > 0, (opened, refused)
+        assert (0, 1) in seen and set(seen) <= {(), (0,), (1,), (0, 1)}, seen
+    finally:
+        stop.set()
+        attacker.join(30)
+    assert attacker.exitcode == 0
+    assert results.get(timeout=10)[0] == "attacker"
 
 
 # --- every error path ---------------------------------------------------------------------
