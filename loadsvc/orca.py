@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -73,7 +74,7 @@ from xds.data.orca.v3 import orca_load_report_pb2
 from xds.service.orca.v3 import orca_pb2
 
 from loadsvc.schema import Status
-from loadsvc.store import LoadStore, View
+from loadsvc.store import LoadStore, View, finite_mean
 
 __all__ = [
     "add_orca_service",
@@ -99,6 +100,7 @@ TOKENS_PER_REQUEST = 256.0  # tokens per request assumed when turning gen_throug
 OrcaLoadReport = orca_load_report_pb2.OrcaLoadReport
 OrcaLoadReportRequest = orca_pb2.OrcaLoadReportRequest
 
+_LARGEST = sys.float_info.max
 _SUMMED = ("num_running_reqs", "num_waiting_reqs", "num_total_reqs", "num_used_tokens",
            "num_total_tokens", "num_waiting_uncached_tokens", "max_total_num_tokens",
            "max_running_requests", "gen_throughput")
@@ -135,18 +137,19 @@ def report(view: View, ranks: Sequence[int] | None = None) -> Any:
         app = max(UTILIZATION_FLOOR, app / counted)
     else:
         app = 1.0
-    sums = {name: sum(getattr(s, name) for s in healthy) for name in _SUMMED}
+    # Every number of a served snapshot is finite and >= 0 (the schema's value rule);
+    # sums and means are kept finite too, so no report carries inf or NaN.
+    sums = {name: min(sum(getattr(s, name) for s in healthy), _LARGEST) for name in _SUMMED}
     rps = max(RPS_FLOOR * max(counted, 1), sums["gen_throughput"] / TOKENS_PER_REQUEST)
-    n = len(healthy) or 1
-    token_usage = sum(s.token_usage for s in healthy) / n
+    token_usage = finite_mean([s.token_usage for s in healthy])
     cap = sums["max_running_requests"]
     utilization = {
         "token_usage": token_usage,
-        "utilization": sum(s.utilization for s in healthy) / n,
+        "utilization": finite_mean([s.utilization for s in healthy]),
         "running": sums["num_running_reqs"] / cap if cap > 0 else 0.0,
     }
     named = {name: float(value) for name, value in sums.items()}
-    named["cache_hit_rate"] = sum(s.cache_hit_rate for s in healthy) / n
+    named["cache_hit_rate"] = finite_mean([s.cache_hit_rate for s in healthy])
     named["ranks_healthy"] = float(len(healthy))
     named["ranks_stale"] = float(stale)
     named["ranks_unreachable"] = float(unreachable)

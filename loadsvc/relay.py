@@ -120,7 +120,7 @@ HANDSHAKE_RETRY = 2.0  # seconds: a publisher whose handshake was refused tries 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
-# Every reason a frame (or, for the two handshake reasons, a connection) is refused.
+# Every reason a frame (or, for the three handshake reasons, a connection) is refused.
 REJECT_REASONS: dict[str, str] = {
     "oversized": "frame larger than --max-frame-bytes",
     "malformed": "not a single-part message",
@@ -131,7 +131,8 @@ REJECT_REASONS: dict[str, str] = {
     "bad_header": "epoch or seq is 0",
     "dp_size_mismatch": "publisher's dp_size differs from the region's",
     "rank_out_of_range": "dp_rank outside the region's dp_size",
-    "decode": "payload does not decode as a LoadSnapshot (or an int is out of its range)",
+    "decode": "payload does not decode as a LoadSnapshot",
+    "bad_value": "a number negative, NaN, infinite or beyond its protobuf type (the schema's value rule)",
     "rank_mismatch": "payload's dp_rank differs from the header's",
     "stale_seq": "seq not newer than the last accepted for that rank and epoch (replay, reorder)",
     "old_epoch": "epoch of a publisher incarnation already replaced by a newer one",
@@ -141,6 +142,7 @@ REJECT_REASONS: dict[str, str] = {
     "region_error": "the region could not be opened for writing",
     "unauthorized": "CURVE handshake refused: key not in the authorized directory (per attempt)",
     "handshake_failed": "handshake failed (wrong server key, or CURVE on one side only; per attempt)",
+    "no_handshake": "a connection closed or timed out before any handshake (port scan, TCP health check)",
     "internal_error": "an unexpected error while handling the frame (logged with its traceback)",
 }
 
@@ -245,6 +247,7 @@ class ZmqPublisher:
         self._seq = 0
         self.dropped = 0  # publishes the socket refused (never expected with CONFLATE)
         self._encode = msgspec.msgpack.Encoder().encode
+        self._check = msgspec.msgpack.Decoder(LoadSnapshot).decode
         ctx = context if context is not None else zmq.Context.instance()
         sock = ctx.socket(zmq.PUSH)
         try:
@@ -283,8 +286,9 @@ class ZmqPublisher:
     def publish(self, snapshot: Any) -> int:
         """Queue snapshot for the collector (replacing any undelivered one); return its seq.
 
-        Raises ValueError when the snapshot's dp_rank is not this publisher's or
-        its encoding exceeds the region's slot (the collector would drop it).
+        Raises ValueError when the snapshot's dp_rank is not this publisher's,
+        its encoding exceeds the region's slot, or a field breaks the schema's
+        value rule (negative, NaN, infinite): the collector would drop it.
         """
         if self._sock is None:
             raise ValueError(f"publisher for dp_rank {self.dp_rank} is closed")
@@ -295,6 +299,12 @@ class ZmqPublisher:
         if len(payload) > self._capacity:
             raise ValueError(f"snapshot encodes to {len(payload)} bytes, more than a region slot's "
                              f"payload capacity of {self._capacity} bytes; nothing sent")
+        try:
+            self._check(payload)  # the collector's own decode: what it would refuse is refused here
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+            raise ValueError(f"dp_rank {self.dp_rank}: snapshot field {schema.value_error(payload) or e} "
+                             "(no number in a snapshot may be negative, NaN or infinite); "
+                             "nothing sent") from None
         n = self._seq + 1
         m, rank, size, fp, epoch = self._head
         frame = self._pack(m, rank, size, fp, epoch, n) + payload
@@ -453,7 +463,7 @@ class Collector:
             registry=self.registry)
         self._rejected_metric = Counter(
             "loadsvc_relay_frames_rejected",
-            "Relay frames (and, for unauthorized/handshake_failed, connection attempts) refused",
+            "Relay frames (and, for unauthorized/handshake_failed/no_handshake, connections) refused",
             ["reason"], registry=self.registry)
         self._rejected_children = {r: self._rejected_metric.labels(reason=r) for r in REJECT_REASONS}
         self.accepted = 0
@@ -638,9 +648,16 @@ class Collector:
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._reject("unauthorized", f"refused a publisher's CURVE key (ZAP status "
                                              f"{msg['value']}) on {self.bound_endpoint}")
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                 self._reject("handshake_failed", f"handshake failed on {self.bound_endpoint} "
                                                  "(wrong --curve-server-key, or CURVE on one side only)")
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                # libzmq's event for a connection that closed (or timed out, HANDSHAKE_IVL_MS)
+                # before any handshake: a port scan, a TCP health check, not a publisher. Counted
+                # on its own and logged at debug only, so a health check never fills the log.
+                self._reject("no_handshake", f"a connection to {self.bound_endpoint} ended before a "
+                                             f"ZMTP handshake (errno {int(msg['value'])})",
+                             level=logging.DEBUG)
 
     # -- frames ------------------------------------------------------------------------
 
@@ -699,6 +716,11 @@ class Collector:
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
             # msgspec raises UnicodeDecodeError (not DecodeError) for an enum string that is
             # not UTF-8: found by tests/test_fuzz.py; it must not end the collector thread.
+            bad = None
+            if isinstance(e, msgspec.ValidationError):  # a number breaking the value rule, or a type
+                bad = schema.value_error(frame[FRAME_HEADER.size:])
+            if bad is not None:
+                raise _Rejected("bad_value", f"dp_rank {rank}: {bad}") from None
             raise _Rejected("decode", f"dp_rank {rank}: payload is not a LoadSnapshot: {e}") from None
         if snapshot.dp_rank != rank:
             raise _Rejected("rank_mismatch", f"header dp_rank {rank}, payload dp_rank {snapshot.dp_rank}")
@@ -809,14 +831,15 @@ class Collector:
         self._pubs.clear()
         self._region_identity = None
 
-    def _reject(self, reason: str, detail: str, exc_info: bool = False) -> None:
+    def _reject(self, reason: str, detail: str, exc_info: bool = False,
+                level: int = logging.WARNING) -> None:
         self.rejected[reason] += 1
         self._rejected_children[reason].inc()
         now = time.monotonic()
         if now - self._last_log.get(reason, -math.inf) >= LOG_EVERY:
             suppressed = self._suppressed.pop(reason, 0)
             more = f" (+{suppressed} more since the last line)" if suppressed else ""
-            log.warning("relay rejected a frame [%s]: %s%s", reason, detail, more, exc_info=exc_info)
+            log.log(level, "relay rejected a frame [%s]: %s%s", reason, detail, more, exc_info=exc_info)
             self._last_log[reason] = now
         else:
             self._suppressed[reason] = self._suppressed.get(reason, 0) + 1

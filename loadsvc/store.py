@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -39,21 +40,29 @@ from loadsvc.settings import StoreSettings
 from loadsvc.shm import RegionError, ShmReader, create_region, freshness
 
 __all__ = ["LoadStore", "View", "Selection", "parse_include", "BadRequest", "INCLUDE_TOKENS",
-           "snapshot_dict", "response_dict", "response_proto"]
+           "MAX_INCLUDE_TOKENS", "MAX_INCLUDE_TOKEN_CHARS", "snapshot_dict", "response_dict",
+           "response_proto", "int32_total", "finite_mean"]
 
 log = logging.getLogger("loadsvc.store")
 
 TICK = 0.1  # seconds between rebuilds for ages and status transitions
 ATTACH_RETRY = 0.5  # seconds between attempts to attach / checks that the file is still there
 INCLUDE_TOKENS = ("core", "all", *SECTIONS)
+# A request's include list is parsed on every call and never kept: these bound what
+# one request may cost. The real tokens are at most 6 characters, and 7 of them say
+# everything a request can ask for.
+MAX_INCLUDE_TOKENS = 64  # per request, counted after splitting at commas (empty ones too)
+MAX_INCLUDE_TOKEN_CHARS = 32  # per token, before stripping spaces
+INT32_MAX = 2**31 - 1
 
 
 class BadRequest(ValueError):
-    """A request value out of range; the message names the field."""
+    """A request value out of range; the message names the field (reason: a short label, or "")."""
 
-    def __init__(self, field_name: str, message: str) -> None:
+    def __init__(self, field_name: str, message: str, reason: str = "") -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.reason = reason
 
 
 def parse_include(tokens: Iterable[str]) -> frozenset[str]:
@@ -141,14 +150,13 @@ class View:
         agg = self._memo.get(key)
         if agg is None:
             live = [s for s in self.select(sel) if s.status is not Status.UNREACHABLE]
-            n = len(live) or 1
             agg = AggregateMetrics(
-                total_running_reqs=sum(s.num_running_reqs for s in live),
-                total_waiting_reqs=sum(s.num_waiting_reqs for s in live),
-                total_reqs=sum(s.num_total_reqs for s in live),
-                avg_token_usage=sum(s.token_usage for s in live) / n,
-                avg_throughput=sum(s.gen_throughput for s in live) / n,
-                avg_utilization=sum(s.utilization for s in live) / n,
+                total_running_reqs=int32_total([s.num_running_reqs for s in live]),
+                total_waiting_reqs=int32_total([s.num_waiting_reqs for s in live]),
+                total_reqs=int32_total([s.num_total_reqs for s in live]),
+                avg_token_usage=finite_mean([s.token_usage for s in live]),
+                avg_throughput=finite_mean([s.gen_throughput for s in live]),
+                avg_utilization=finite_mean([s.utilization for s in live]),
             )
             self._memo[key] = agg
         return agg
@@ -160,6 +168,20 @@ class View:
         except KeyError:
             value = self._memo[key] = build(self)
             return value
+
+
+def int32_total(values: list[int]) -> int:
+    """A sum reported in an int32 field: saturates at 2**31 - 1 (each rank's count is int32 already)."""
+    return min(sum(values), INT32_MAX)
+
+
+def finite_mean(values: list[float]) -> float:
+    """The mean of finite numbers, finite itself (0.0 for none), even where their sum is not."""
+    n = len(values) or 1
+    total = sum(values)
+    if total == math.inf:  # two numbers near the largest double: divide before adding
+        return sum(v / n for v in values)
+    return total / n
 
 
 class LoadStore:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,11 +183,19 @@ def test_bad_frames_are_counted_per_reason_and_never_touch_the_region(collector,
         # payload says rank 1 under rank 0's header: would overwrite another rank
         ("rank_mismatch", [encode_frame(enc(snap(1, running=99)), dp_rank=0, dp_size=DP,
                                         epoch=epoch0, seq=59)]),
-        # an int32 field beyond int32: the Struct's constraint rejects it
-        ("decode", [encode_frame(enc(snap(0, running=2**40)), dp_rank=0, dp_size=DP,
-                                 epoch=epoch0, seq=60)]),
-        ("decode", [encode_frame(enc(snap(0, running=-(2**31) - 1)), dp_rank=0, dp_size=DP,
-                                 epoch=epoch0, seq=61)]),
+        # the schema's value rule: an int32 field beyond int32, a negative count, NaN, inf
+        ("bad_value", [encode_frame(enc(snap(0, running=2**40)), dp_rank=0, dp_size=DP,
+                                    epoch=epoch0, seq=60)]),
+        ("bad_value", [encode_frame(enc(snap(0, running=-5)), dp_rank=0, dp_size=DP,
+                                    epoch=epoch0, seq=61)]),
+        ("bad_value", [encode_frame(enc(snap(0, token_usage=float("nan"))), dp_rank=0, dp_size=DP,
+                                    epoch=epoch0, seq=63)]),
+        ("bad_value", [encode_frame(enc(snap(0, gen_throughput=float("inf"))), dp_rank=0, dp_size=DP,
+                                    epoch=epoch0, seq=64)]),
+        ("bad_value", [encode_frame(enc(snap(0, memory=MemoryMetrics(kv_cache_gb=-1.0))), dp_rank=0,
+                                    dp_size=DP, epoch=epoch0, seq=65)]),
+        # a string where a number belongs: malformed, not a bad value
+        ("decode", [encode_frame(enc([0, "five"]), dp_rank=0, dp_size=DP, epoch=epoch0, seq=66)]),
         # replay of rank 0's accepted seq 1, and a frame older than it
         ("stale_seq", [encode_frame(payload0, dp_rank=0, dp_size=DP, epoch=epoch0, seq=1)]),
         # too big for the slot (2048 bytes) but under --max-frame-bytes
@@ -297,6 +306,12 @@ def test_publisher_api_checks(zctx):
         big = LoadSnapshot(dp_rank=1, disaggregation=DisaggregationMetrics(mode="x" * 4000))
         with pytest.raises(ValueError, match="payload capacity"):
             pub.publish(big)
+        for field, value in (("token_usage", float("nan")), ("gen_throughput", float("inf")),
+                             ("num_waiting_reqs", -5)):
+            with pytest.raises(ValueError, match=f"dp_rank 1: snapshot field {field} = {value!r}: "
+                                                 ".*nothing sent"):
+                pub.publish(snap(1, **{field: value}))
+        assert pub.seq == 0
         calls = [pub.maybe_publish(lambda: snap(1)) for _ in range(6)]
         assert calls == [False, False, True, False, False, True] and pub.seq == 2
 
@@ -412,6 +427,32 @@ def test_curve_picks_up_newly_authorized_keys(collector, shm_path, keys, monkeyp
             time.sleep(0.05)
         assert reader_value(shm_path, 2).num_running_reqs == 5
         assert pub.handshake_failures >= 1  # it was refused, then retried by itself
+
+
+@pytest.mark.parametrize("with_curve", [False, True], ids=["open", "curve"])
+def test_plain_tcp_connects_are_no_handshake_not_handshake_failed(collector, shm_path, keys,
+                                                                  with_curve, caplog):
+    """A port scan or a TCP health check is not a publisher with a wrong key: counted apart, not warned."""
+    c = collector(curve=CurveServerSettings(keys["server_sec"], keys["authorized"]) if with_curve else None)
+    host, port = c.bound_endpoint.removeprefix("tcp://").rsplit(":", 1)
+    with caplog.at_level("WARNING", logger="loadsvc.relay"):
+        for i in range(5):
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                if i % 2:
+                    s.sendall(b"\xff" + b"\x00" * 8)  # a partial ZMTP greeting, then gone
+        wait_for(lambda: c.rejected["no_handshake"] >= 5, 5, "five no_handshake counts")
+    assert c.rejected["handshake_failed"] == 0 and c.rejected["unauthorized"] == 0
+    assert c.registry.get_sample_value("loadsvc_relay_frames_rejected_total",
+                                       {"reason": "no_handshake"}) >= 5
+    assert "no_handshake" not in caplog.text
+    # ... and a publisher with CURVE on one side only is still handshake_failed
+    one_sided = None if with_curve else CurveClientSettings(keys["server_pub"], keys["good_sec"])
+    plain = ZmqPublisher(c.bound_endpoint, dp_size=DP, dp_rank=0, curve=one_sided)
+    try:
+        plain.publish(snap(0))
+        wait_for(lambda: c.rejected["handshake_failed"] >= 1, 5, "handshake_failed for a one-sided publisher")
+    finally:
+        plain.close()
 
 
 def test_curve_configuration_errors_name_the_file(shm_path, keys):
