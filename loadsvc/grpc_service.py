@@ -58,7 +58,6 @@ DEFAULT_MAX_INTERVAL_MS = 1000  # heartbeat when the request says 0
 MAX_INTERVAL_LIMIT_MS = 3_600_000  # one hour: the largest min/max interval accepted
 MIN_HEARTBEAT_MS = 10  # the smallest max_interval_ms accepted: no stream floods at 1 kHz
 CLOSE_WAIT = 2.0  # seconds aclose() waits for streams to end with their status
-_SELECTION_CACHE_MAX = 256
 
 
 class _Wakeup:
@@ -109,7 +108,6 @@ class LoadServices:
         self._pump_task: asyncio.Task[None] | None = None
         self._streams = 0
         self._streams_done: asyncio.Event | None = None
-        self._selections: dict[tuple[Any, ...], Selection] = {}
         self._health_tasks: set[asyncio.Task[None]] = set()
         if health is not None:
             self._set_health(store.attached, initial=True)
@@ -161,17 +159,15 @@ class LoadServices:
     # -- requests ------------------------------------------------------------------
 
     def _selection(self, request: Any) -> Selection:
-        """Selection of a (Get|Watch)LoadsRequest, memoized per distinct request values."""
+        """Selection of a (Get|Watch)LoadsRequest; BadRequest naming the field.
+
+        Parsed on every call and never cached by what the client sent: the
+        include list is bounded (MAX_INCLUDE_TOKENS), so a parse costs about a
+        microsecond, and a cache keyed on raw lists is memory a client can fill.
+        What is memoized (a View's encodings) is keyed on the normalized Selection.
+        """
         dp_rank = request.dp_rank if request.HasField("dp_rank") else None
-        dp_size = self.store.dp_size
-        key = (dp_rank, tuple(request.include), dp_size)
-        sel = self._selections.get(key)
-        if sel is None:
-            sel = Selection.parse(dp_rank, request.include, dp_size)
-            if len(self._selections) >= _SELECTION_CACHE_MAX:
-                self._selections.clear()
-            self._selections[key] = sel
-        return sel
+        return Selection.parse(dp_rank, request.include, self.store.dp_size)
 
     @staticmethod
     def _encoder(sel: Selection) -> Callable[[View], bytes]:

@@ -74,6 +74,9 @@ INCLUDE_PATTERN = rf"^ *(?:(?:{_TOKENS_RE}) *)?(?:, *(?:(?:{_TOKENS_RE}) *)?)*$"
 _INCLUDE_RE = re.compile(INCLUDE_PATTERN)
 _DP_RANK_RE = re.compile(r"-?[0-9]+")
 _QUERY_MEMO_MAX = 512  # distinct query strings remembered (fuzzers send endless new ones)
+# Longer query strings are a 400 (field "query"), neither parsed nor remembered: the
+# memo above holds at most 512 x 4 KiB of keys (and of messages quoting them).
+MAX_QUERY_BYTES = 4096
 
 
 # -- query parsing -------------------------------------------------------------
@@ -124,7 +127,7 @@ def _parse_query(query_string: bytes, dp_size: int | None) -> tuple[Selection, s
     except BadRequest as e:
         reason = "negative" if dp_rank is not None and dp_rank < 0 else "out_of_range"
         if e.field != "dp_rank":
-            reason = "unknown_token"
+            reason = e.reason or "unknown_token"
         raise _Invalid(e.field, reason, str(e).removeprefix(f"{e.field}: ")) from None
     return sel, fmt
 
@@ -417,13 +420,18 @@ class _Loads:
         key = (scope["query_string"], store.dp_size)
         parsed = self._memo.get(key)
         if parsed is None:
-            try:
-                parsed = _parse_query(key[0], key[1])
-            except _Invalid as e:
-                parsed = e
-            if len(self._memo) >= _QUERY_MEMO_MAX:
-                self._memo.clear()
-            self._memo[key] = parsed
+            if len(key[0]) > MAX_QUERY_BYTES:  # never parsed, never memoized
+                parsed = _Invalid("query", "too_long",
+                                  f"query string of {len(key[0])} bytes, longer than {MAX_QUERY_BYTES}; "
+                                  "a valid one needs well under 200")
+            else:
+                try:
+                    parsed = _parse_query(key[0], key[1])
+                except _Invalid as e:
+                    parsed = e
+                if len(self._memo) >= _QUERY_MEMO_MAX:
+                    self._memo.clear()
+                self._memo[key] = parsed
         if isinstance(parsed, _Invalid):
             self.metrics.bad_requests.labels(parsed.field, parsed.reason).inc()
             self.metrics.count("/v1/loads", 400)

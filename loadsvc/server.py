@@ -47,7 +47,7 @@ from loadsvc.orca import ORCA_SERVICE, OrcaService, add_orca_service
 from loadsvc.settings import ServeSettings
 from loadsvc.store import LoadStore
 
-__all__ = ["serve", "run_serve", "ServeError", "GRPC_OPTIONS"]
+__all__ = ["serve", "run_serve", "ServeError", "GRPC_OPTIONS", "MAX_REQUEST_BYTES"]
 
 log = logging.getLogger("loadsvc.server")
 
@@ -58,8 +58,13 @@ WORKER_STOP_TIMEOUT = 5.0  # seconds workers get to stop after SIGTERM before SI
 WORKER_RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 # No SO_REUSEPORT with one process: a second server on the same port must fail,
 # not share it silently. Workers share it on purpose (after a probe: see serve()).
+# Requests are tiny (an empty GetLoadsRequest is 0 bytes; a full include list well
+# under 1 KiB): a larger message is refused by gRPC itself with RESOURCE_EXHAUSTED
+# before it is parsed, instead of costing a parse of megabytes on the serving loop.
+MAX_REQUEST_BYTES = 64 * 1024
 GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
 )

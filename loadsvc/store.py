@@ -70,12 +70,26 @@ def parse_include(tokens: Iterable[str]) -> frozenset[str]:
 
     Tokens may also be comma-separated inside one string ("core,memory").
     No tokens, or "all", selects every section; "core" alone selects none.
+    More than MAX_INCLUDE_TOKENS tokens, or one longer than
+    MAX_INCLUDE_TOKEN_CHARS, is a BadRequest: the work stops there, whatever
+    the size of the rest.
     """
     selected: set[str] = set()
     everything = False
     seen_any = False
+    count = 0
     for raw in tokens:
-        for token in raw.split(","):
+        # maxsplit: megabytes of commas never become more than one token past the limit.
+        pieces = raw.split(",", MAX_INCLUDE_TOKENS - count)
+        count += len(pieces)
+        if count > MAX_INCLUDE_TOKENS:
+            raise BadRequest("include", f"more than {MAX_INCLUDE_TOKENS} tokens (repeated or "
+                                        "comma-separated); name each section once", "too_many_tokens")
+        for token in pieces:
+            if len(token) > MAX_INCLUDE_TOKEN_CHARS:
+                raise BadRequest("include", f"a token of {len(token)} characters ({token[:16]!r}...), "
+                                            f"longer than {MAX_INCLUDE_TOKEN_CHARS}; expected one of "
+                                            f"{', '.join(INCLUDE_TOKENS)}", "token_too_long")
             token = token.strip().lower()
             if not token:
                 continue
