@@ -117,6 +117,11 @@ AUTH_RELOAD = 2.0  # seconds between looks at the authorized directory
 HEARTBEAT_IVL_MS = 1000  # ZMTP heartbeats: a dead peer is noticed within ~3 s
 HEARTBEAT_TIMEOUT_MS = 3000
 HANDSHAKE_RETRY = 2.0  # seconds: a publisher whose handshake was refused tries again
+# Collector socket bounds: frames queued per connection (each at most twice
+# --max-frame-bytes: about 2 MiB per connection by default), and how long a
+# connection may take to complete its handshake before it is dropped (ZMQ: 30 s).
+RCVHWM = 16
+HANDSHAKE_IVL_MS = 5000
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
@@ -534,6 +539,11 @@ class Collector:
             # ZMQ itself drops a peer announcing a message beyond twice the limit,
             # before buffering it; frames between the limit and that are counted.
             sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_frame_bytes + FRAME_HEADER.size)
+            # Frames queued per connection while this thread is busy: a publisher sends
+            # one at a time (CONFLATE), so more only ever come from a flood, and ZMQ's
+            # default (1000) let one flooding peer park ~130 MB here.
+            sock.setsockopt(zmq.RCVHWM, RCVHWM)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
             _set_heartbeats(sock)
             if curve is not None:
                 public, secret = _load_secret(curve.secret_key, "--curve-secret-key")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -453,6 +456,72 @@ def test_plain_tcp_connects_are_no_handshake_not_handshake_failed(collector, shm
         wait_for(lambda: c.rejected["handshake_failed"] >= 1, 5, "handshake_failed for a one-sided publisher")
     finally:
         plain.close()
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+FLOODER = """
+import sys, time, zmq
+ctx = zmq.Context()
+socks = [ctx.socket(zmq.PUSH) for _ in range(int(sys.argv[2]))]
+for s in socks:
+    s.setsockopt(zmq.SNDHWM, 1)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(sys.argv[1])
+frame, sent, end = b"x" * int(sys.argv[3]), 0, time.monotonic() + float(sys.argv[4])
+while time.monotonic() < end:
+    moved = False
+    for s in socks:
+        try:
+            s.send(frame, zmq.NOBLOCK)
+            sent, moved = sent + 1, True
+        except zmq.Again:
+            pass
+    if not moved:
+        time.sleep(0.01)
+print(sent, flush=True)
+"""
+
+
+def test_a_flood_queues_a_bounded_number_of_frames_per_connection(collector, shm_path, monkeypatch):
+    """8 connections push 100 kB frames while the collector thread is held: what the collector's
+    process buffers is bounded by RCVHWM per connection (ZMQ's default parked ~37 MB each)."""
+    c = collector(max_frame_bytes=64 * 1024)
+    held = threading.Event()
+    handle = c.handle
+    monkeypatch.setattr(c, "handle", lambda parts, now: held.wait(30) and handle(parts, now))
+    before = _rss_kib()
+    flood = subprocess.run([sys.executable, "-c", FLOODER, c.bound_endpoint, "8", "100000", "3"],
+                           capture_output=True, text=True, timeout=60)
+    grown = _rss_kib() - before
+    held.set()
+    assert flood.returncode == 0, flood.stderr
+    # 8 x RCVHWM (16) frames of 100 kB, and ZMQ's read buffers: ~16 MB measured
+    assert grown < 48 * 1024, f"the collector's process grew by {grown} KiB ({flood.stdout.strip()} sent)"
+    wait_for(lambda: c.rejected["oversized"] >= 8 * relay.RCVHWM, 10, "the queued frames counted")
+    pub = ZmqPublisher(c.bound_endpoint, dp_size=DP, dp_rank=2)
+    try:
+        pub.publish(snap(2, running=9))
+        read_when(shm_path, 2, lambda s: s.num_running_reqs == 9)  # and valid ranks still flow
+    finally:
+        pub.close()
+
+
+def test_a_connection_without_a_handshake_is_dropped(collector, monkeypatch):
+    monkeypatch.setattr(relay, "HANDSHAKE_IVL_MS", 300)  # read when the collector opens its socket
+    c = collector()
+    host, port = c.bound_endpoint.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as idle:
+        assert idle.recv(64)  # the collector's greeting; then nothing from us
+        idle.settimeout(10)  # ZMQ's own default would hold it for 30 s: recv times out, the test fails
+        while idle.recv(64):  # the rest of the greeting, then EOF when it drops us
+            pass
+    wait_for(lambda: c.rejected["no_handshake"] >= 1, 5, "the dropped connection counted")
 
 
 def test_curve_configuration_errors_name_the_file(shm_path, keys):
