@@ -147,7 +147,8 @@ REJECT_REASONS: dict[str, str] = {
     "region_error": "the region could not be opened for writing",
     "unauthorized": "CURVE handshake refused: key not in the authorized directory (per attempt)",
     "handshake_failed": "handshake failed (wrong server key, or CURVE on one side only; per attempt)",
-    "no_handshake": "a connection closed or timed out before any handshake (port scan, TCP health check)",
+    "no_handshake": "a connection ended or timed out in the handshake with no error seen here: port scans, "
+                    "TCP health checks (and some attempts of a one-sided CURVE publisher)",
     "internal_error": "an unexpected error while handling the frame (logged with its traceback)",
 }
 
@@ -663,8 +664,10 @@ class Collector:
                                                  "(wrong --curve-server-key, or CURVE on one side only)")
             elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 # libzmq's event for a connection that closed (or timed out, HANDSHAKE_IVL_MS)
-                # before any handshake: a port scan, a TCP health check, not a publisher. Counted
-                # on its own and logged at debug only, so a health check never fills the log.
+                # in the handshake without a protocol error on this side: port scans and TCP
+                # health checks, and those attempts of a one-sided CURVE publisher where the
+                # publisher saw the mismatch first (its other attempts are handshake_failed).
+                # Counted on its own, logged at debug only: a health check never fills the log.
                 self._reject("no_handshake", f"a connection to {self.bound_endpoint} ended before a "
                                              f"ZMTP handshake (errno {int(msg['value'])})",
                              level=logging.DEBUG)
