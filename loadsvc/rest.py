@@ -56,7 +56,8 @@ from starlette.responses import Response
 from loadsvc import __version__, schema
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.schema import SECTIONS, Status
-from loadsvc.store import INCLUDE_TOKENS, BadRequest, LoadStore, Selection, View, response_dict
+from loadsvc.store import (INCLUDE_TOKENS, MAX_INCLUDE_CHARS, MAX_INCLUDE_TOKENS, MAX_INCLUDE_VALUES,
+                           BadRequest, LoadStore, Selection, View, response_dict)
 
 __all__ = ["create_router", "create_app", "PROMETHEUS_CONTENT_TYPE"]
 
@@ -72,6 +73,13 @@ INT32_MAX = 2**31 - 1
 _TOKENS_RE = "|".join(INCLUDE_TOKENS)
 INCLUDE_PATTERN = rf"^ *(?:(?:{_TOKENS_RE}) *)?(?:, *(?:(?:{_TOKENS_RE}) *)?)*$"
 _INCLUDE_RE = re.compile(INCLUDE_PATTERN)
+# OpenAPI also states parse_include's bounds (values, characters, tokens per value),
+# so a request valid by the schema is never refused; the server checks them there,
+# each with its own reason.
+_INCLUDE_SCHEMA = {
+    "type": "array", "maxItems": MAX_INCLUDE_VALUES,
+    "items": {"type": "string", "maxLength": MAX_INCLUDE_CHARS,
+              "pattern": INCLUDE_PATTERN.replace(")*$", f"){{0,{MAX_INCLUDE_TOKENS - 1}}}$")}}
 _DP_RANK_RE = re.compile(r"-?[0-9]+")
 _QUERY_MEMO_MAX = 512  # distinct query strings remembered (fuzzers send endless new ones)
 # Longer query strings are a 400 (field "query"), neither parsed nor remembered: the
@@ -365,7 +373,7 @@ _LOADS_PARAMETERS = [
      "description": "Sections to include: " + ", ".join(INCLUDE_TOKENS) + ". Repeat the parameter "
                     "or separate tokens with commas. Absent, empty or `all`: every section the "
                     "rank published; `core`: none.",
-     "schema": {"type": "array", "items": {"type": "string", "pattern": INCLUDE_PATTERN}}},
+     "schema": _INCLUDE_SCHEMA},
     {"name": "format", "in": "query", "required": False,
      "description": "`json` (SGLang-compatible body) or `prometheus` (text exposition format).",
      "schema": {"type": "string", "enum": list(FORMATS), "default": "json"}},

@@ -40,7 +40,7 @@ from loadsvc.settings import StoreSettings
 from loadsvc.shm import RegionError, ShmReader, create_region, freshness
 
 __all__ = ["LoadStore", "View", "Selection", "parse_include", "BadRequest", "INCLUDE_TOKENS",
-           "MAX_INCLUDE_TOKENS", "MAX_INCLUDE_TOKEN_CHARS", "snapshot_dict", "response_dict",
+           "MAX_INCLUDE_VALUES", "MAX_INCLUDE_TOKENS", "MAX_INCLUDE_CHARS", "snapshot_dict", "response_dict",
            "response_proto", "int32_total", "finite_mean"]
 
 log = logging.getLogger("loadsvc.store")
@@ -49,10 +49,11 @@ TICK = 0.1  # seconds between rebuilds for ages and status transitions
 ATTACH_RETRY = 0.5  # seconds between attempts to attach / checks that the file is still there
 INCLUDE_TOKENS = ("core", "all", *SECTIONS)
 # A request's include list is parsed on every call and never kept: these bound what
-# one request may cost. The real tokens are at most 6 characters, and 7 of them say
-# everything a request can ask for.
-MAX_INCLUDE_TOKENS = 64  # per request, counted after splitting at commas (empty ones too)
-MAX_INCLUDE_TOKEN_CHARS = 32  # per token, before stripping spaces
+# one request may cost (64 tokens at most). The real tokens are at most 6 characters,
+# and 7 of them say everything a request can ask for. REST's OpenAPI states the same.
+MAX_INCLUDE_VALUES = 8  # include values per request (repeated field entries, query parameters)
+MAX_INCLUDE_TOKENS = 8  # comma-separated tokens per value, empty ones counted
+MAX_INCLUDE_CHARS = 128  # characters per value
 INT32_MAX = 2**31 - 1
 
 
@@ -70,26 +71,26 @@ def parse_include(tokens: Iterable[str]) -> frozenset[str]:
 
     Tokens may also be comma-separated inside one string ("core,memory").
     No tokens, or "all", selects every section; "core" alone selects none.
-    More than MAX_INCLUDE_TOKENS tokens, or one longer than
-    MAX_INCLUDE_TOKEN_CHARS, is a BadRequest: the work stops there, whatever
-    the size of the rest.
+    More than MAX_INCLUDE_VALUES values, a value longer than MAX_INCLUDE_CHARS,
+    or one of more than MAX_INCLUDE_TOKENS tokens is a BadRequest: the work
+    stops there, whatever the size of the rest.
     """
     selected: set[str] = set()
     everything = False
     seen_any = False
-    count = 0
-    for raw in tokens:
-        # maxsplit: megabytes of commas never become more than one token past the limit.
-        pieces = raw.split(",", MAX_INCLUDE_TOKENS - count)
-        count += len(pieces)
-        if count > MAX_INCLUDE_TOKENS:
-            raise BadRequest("include", f"more than {MAX_INCLUDE_TOKENS} tokens (repeated or "
-                                        "comma-separated); name each section once", "too_many_tokens")
+    for count, raw in enumerate(tokens, 1):
+        if count > MAX_INCLUDE_VALUES:
+            raise BadRequest("include", f"more than {MAX_INCLUDE_VALUES} values; name each section "
+                                        "once (e.g. core,memory)", "too_many_values")
+        if len(raw) > MAX_INCLUDE_CHARS:
+            raise BadRequest("include", f"a value of {len(raw)} characters ({raw[:16]!r}...), longer "
+                                        f"than {MAX_INCLUDE_CHARS}", "value_too_long")
+        pieces = raw.split(",")
+        if len(pieces) > MAX_INCLUDE_TOKENS:
+            raise BadRequest("include", f"{len(pieces)} comma-separated tokens in one value "
+                                        f"({raw[:16]!r}...), more than {MAX_INCLUDE_TOKENS}",
+                             "too_many_tokens")
         for token in pieces:
-            if len(token) > MAX_INCLUDE_TOKEN_CHARS:
-                raise BadRequest("include", f"a token of {len(token)} characters ({token[:16]!r}...), "
-                                            f"longer than {MAX_INCLUDE_TOKEN_CHARS}; expected one of "
-                                            f"{', '.join(INCLUDE_TOKENS)}", "token_too_long")
             token = token.strip().lower()
             if not token:
                 continue
