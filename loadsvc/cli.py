@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the region itself; the kernel spreads connections (not calls) over them. "
                         "Use about one per core for hundreds of WatchLoads subscribers. REST and the "
                         "collector stay in the first process (default %(default)s)")
+    p.add_argument("--max-streams", type=_positive_int, default=4096, metavar="N",
+                   help="WatchLoads streams, and ORCA streams, open at once per gRPC process; one "
+                        "more is refused with RESOURCE_EXHAUSTED (default %(default)s)")
 
     p = sub.add_parser("simulate", help="publish simulated engine load",
                        description="An engine simulator: arrivals, queues that build and drain, token "
@@ -385,6 +388,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         orca_ranks=args.orca_ranks,
         max_frame_bytes=args.max_frame_bytes,
         grpc_workers=args.grpc_workers,
+        max_streams=args.max_streams,
     )
 
 

@@ -48,7 +48,7 @@ from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.store import BadRequest, LoadStore, Selection, View, response_proto
 
 __all__ = ["add_load_services", "LoadServices", "LOAD_SERVICE", "SGLANG_SERVICE",
-           "MAX_INTERVAL_LIMIT_MS", "MIN_HEARTBEAT_MS", "DEFAULT_MAX_INTERVAL_MS"]
+           "MAX_INTERVAL_LIMIT_MS", "MIN_HEARTBEAT_MS", "DEFAULT_MAX_INTERVAL_MS", "DEFAULT_MAX_STREAMS"]
 
 log = logging.getLogger("loadsvc.grpc")
 
@@ -58,7 +58,11 @@ DEFAULT_MAX_INTERVAL_MS = 1000  # heartbeat when the request says 0
 MAX_INTERVAL_LIMIT_MS = 3_600_000  # one hour: the largest min/max interval accepted
 MIN_HEARTBEAT_MS = 10  # the smallest max_interval_ms accepted: no stream floods at 1 kHz
 CLOSE_WAIT = 2.0  # seconds aclose() waits for streams to end with their status
-_SELECTION_CACHE_MAX = 256
+# WatchLoads streams open at once per server (process); one more is RESOURCE_EXHAUSTED.
+# Each open stream costs about 17 KB of the server's memory (measured), so the
+# default bounds them to about 70 MB; a router needs one.
+DEFAULT_MAX_STREAMS = 4096
+_REFUSED_LOG_EVERY = 10.0  # seconds between log lines about refused streams
 
 
 class _Wakeup:
@@ -98,10 +102,15 @@ class LoadServices:
     """
 
     def __init__(self, store: LoadStore, *, api_key: str | None, health: Any,
-                 service_names: tuple[str, ...]) -> None:
+                 service_names: tuple[str, ...], max_streams: int = DEFAULT_MAX_STREAMS) -> None:
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
         self.store = store
         self.health = health
         self.service_names = service_names
+        self.max_streams = max_streams
+        self.refused_streams = 0  # WatchLoads calls refused because max_streams were open
+        self._refused_logged = -_REFUSED_LOG_EVERY
         self._api_key = api_key.encode() if api_key else None
         self._closed = False
         self._changes = _Wakeup()  # subscribers waiting for a store change or a deadline
@@ -109,7 +118,6 @@ class LoadServices:
         self._pump_task: asyncio.Task[None] | None = None
         self._streams = 0
         self._streams_done: asyncio.Event | None = None
-        self._selections: dict[tuple[Any, ...], Selection] = {}
         self._health_tasks: set[asyncio.Task[None]] = set()
         if health is not None:
             self._set_health(store.attached, initial=True)
@@ -161,17 +169,15 @@ class LoadServices:
     # -- requests ------------------------------------------------------------------
 
     def _selection(self, request: Any) -> Selection:
-        """Selection of a (Get|Watch)LoadsRequest, memoized per distinct request values."""
+        """Selection of a (Get|Watch)LoadsRequest; BadRequest naming the field.
+
+        Parsed on every call and never cached by what the client sent: the
+        include list is bounded (MAX_INCLUDE_TOKENS), so a parse costs about a
+        microsecond, and a cache keyed on raw lists is memory a client can fill.
+        What is memoized (a View's encodings) is keyed on the normalized Selection.
+        """
         dp_rank = request.dp_rank if request.HasField("dp_rank") else None
-        dp_size = self.store.dp_size
-        key = (dp_rank, tuple(request.include), dp_size)
-        sel = self._selections.get(key)
-        if sel is None:
-            sel = Selection.parse(dp_rank, request.include, dp_size)
-            if len(self._selections) >= _SELECTION_CACHE_MAX:
-                self._selections.clear()
-            self._selections[key] = sel
-        return sel
+        return Selection.parse(dp_rank, request.include, self.store.dp_size)
 
     @staticmethod
     def _encoder(sel: Selection) -> Callable[[View], bytes]:
@@ -242,6 +248,8 @@ class LoadServices:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self._closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "loadsvc is shutting down; reconnect")
+        if self._streams >= self.max_streams:
+            await self._refuse_stream(context)
         await self._ensure_pump()
         encode = self._encoder(sel)
         key = ("pb", sel)
@@ -271,6 +279,17 @@ class LoadServices:
             self._streams -= 1
             if self._streams == 0 and self._streams_done is not None:
                 self._streams_done.set()
+
+    async def _refuse_stream(self, context: grpc.aio.ServicerContext) -> None:
+        self.refused_streams += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= _REFUSED_LOG_EVERY:
+            self._refused_logged = now
+            log.warning("refused a WatchLoads stream from %s: %d open, the limit (--max-streams); "
+                        "%d refused so far", context.peer(), self._streams, self.refused_streams)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"WatchLoads: {self._streams} streams open, this server's limit "
+                            "(--max-streams); retry later, or share one stream per client")
 
     # -- shutdown ----------------------------------------------------------------------
 
@@ -321,7 +340,8 @@ def _reflection_servicer(names: tuple[str, ...], services: LoadServices) -> Any:
 
 def add_load_services(server: grpc.aio.Server, store: LoadStore, *, sglang: bool = True,
                       health: bool = True, reflection: bool = True,
-                      api_key: str | None = None, extra_services: tuple[str, ...] = ()) -> LoadServices:
+                      api_key: str | None = None, extra_services: tuple[str, ...] = (),
+                      max_streams: int = DEFAULT_MAX_STREAMS) -> LoadServices:
     """Add loadsvc's gRPC services over ``store`` to a ``grpc.aio`` server (before it starts).
 
     api_key: when set, every method except health requires metadata
@@ -329,6 +349,7 @@ def add_load_services(server: grpc.aio.Server, store: LoadStore, *, sglang: bool
     extra_services: full names of services the caller adds to the same server
     over the same store (ORCA: loadsvc.orca.ORCA_SERVICE), listed in reflection
     and health alongside loadsvc's own.
+    max_streams: WatchLoads streams open at once; one more is RESOURCE_EXHAUSTED.
     """
     names = [LOAD_SERVICE] + ([SGLANG_SERVICE] if sglang else []) + list(extra_services)
     health_servicer = None
@@ -338,7 +359,8 @@ def add_load_services(server: grpc.aio.Server, store: LoadStore, *, sglang: bool
 
         health_servicer = grpc_health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = LoadServices(store, api_key=api_key, health=health_servicer, service_names=tuple(names))
+    services = LoadServices(store, api_key=api_key, health=health_servicer, service_names=tuple(names),
+                            max_streams=max_streams)
 
     get = grpc.unary_unary_rpc_method_handler(services.get_loads)
     handlers: dict[str, dict[str, Any]] = {

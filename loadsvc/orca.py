@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -72,8 +73,9 @@ import grpc
 from xds.data.orca.v3 import orca_load_report_pb2
 from xds.service.orca.v3 import orca_pb2
 
+from loadsvc.grpc_service import DEFAULT_MAX_STREAMS
 from loadsvc.schema import Status
-from loadsvc.store import LoadStore, View
+from loadsvc.store import LoadStore, View, finite_mean
 
 __all__ = [
     "add_orca_service",
@@ -99,6 +101,7 @@ TOKENS_PER_REQUEST = 256.0  # tokens per request assumed when turning gen_throug
 OrcaLoadReport = orca_load_report_pb2.OrcaLoadReport
 OrcaLoadReportRequest = orca_pb2.OrcaLoadReportRequest
 
+_LARGEST = sys.float_info.max
 _SUMMED = ("num_running_reqs", "num_waiting_reqs", "num_total_reqs", "num_used_tokens",
            "num_total_tokens", "num_waiting_uncached_tokens", "max_total_num_tokens",
            "max_running_requests", "gen_throughput")
@@ -135,18 +138,19 @@ def report(view: View, ranks: Sequence[int] | None = None) -> Any:
         app = max(UTILIZATION_FLOOR, app / counted)
     else:
         app = 1.0
-    sums = {name: sum(getattr(s, name) for s in healthy) for name in _SUMMED}
+    # Every number of a served snapshot is finite and >= 0 (the schema's value rule);
+    # sums and means are kept finite too, so no report carries inf or NaN.
+    sums = {name: min(sum(getattr(s, name) for s in healthy), _LARGEST) for name in _SUMMED}
     rps = max(RPS_FLOOR * max(counted, 1), sums["gen_throughput"] / TOKENS_PER_REQUEST)
-    n = len(healthy) or 1
-    token_usage = sum(s.token_usage for s in healthy) / n
+    token_usage = finite_mean([s.token_usage for s in healthy])
     cap = sums["max_running_requests"]
     utilization = {
         "token_usage": token_usage,
-        "utilization": sum(s.utilization for s in healthy) / n,
+        "utilization": finite_mean([s.utilization for s in healthy]),
         "running": sums["num_running_reqs"] / cap if cap > 0 else 0.0,
     }
     named = {name: float(value) for name, value in sums.items()}
-    named["cache_hit_rate"] = sum(s.cache_hit_rate for s in healthy) / n
+    named["cache_hit_rate"] = finite_mean([s.cache_hit_rate for s in healthy])
     named["ranks_healthy"] = float(len(healthy))
     named["ranks_stale"] = float(stale)
     named["ranks_unreachable"] = float(unreachable)
@@ -165,7 +169,10 @@ class OrcaService:
     """StreamCoreMetrics over one store, for one set of ranks (what add_orca_service registers)."""
 
     def __init__(self, store: LoadStore, *, ranks: Sequence[int] | None = None,
-                 min_report_interval: float = MIN_REPORT_INTERVAL) -> None:
+                 min_report_interval: float = MIN_REPORT_INTERVAL,
+                 max_streams: int = DEFAULT_MAX_STREAMS) -> None:
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
         if not min_report_interval > 0:
             raise ValueError(f"min_report_interval must be > 0 seconds, got {min_report_interval}")
         if ranks is not None:
@@ -177,6 +184,9 @@ class OrcaService:
         self.min_report_interval = float(min_report_interval)
         self.streams = 0  # StreamCoreMetrics calls currently open
         self.calls = 0  # StreamCoreMetrics calls since the start
+        self.max_streams = max_streams
+        self.refused_streams = 0  # calls refused because max_streams were open
+        self._refused_logged = -10.0
         self._key = ("orca", self.ranks)
         self._closed = False
         self._sleepers: set[asyncio.Future[None]] = set()
@@ -206,6 +216,16 @@ class OrcaService:
                                 f"message ({e})")
         interval = self.interval(request)
         loop = asyncio.get_running_loop()
+        if self.streams >= self.max_streams:  # open to anyone (no API key): bounded here
+            self.refused_streams += 1
+            if loop.time() - self._refused_logged >= 10.0:
+                self._refused_logged = loop.time()
+                log.warning("refused a StreamCoreMetrics stream from %s: %d open, the limit "
+                            "(--max-streams); %d refused so far", context.peer(), self.streams,
+                            self.refused_streams)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"StreamCoreMetrics: {self.streams} streams open, this server's limit "
+                                "(--max-streams); retry later")
         self.calls += 1
         self.streams += 1
         log.debug("StreamCoreMetrics from %s every %.3f s", context.peer(), interval)
@@ -248,15 +268,18 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 def add_orca_service(server: grpc.aio.Server, store: LoadStore, *,
                      ranks: Sequence[int] | None = None,
-                     min_report_interval: float = MIN_REPORT_INTERVAL) -> OrcaService:
+                     min_report_interval: float = MIN_REPORT_INTERVAL,
+                     max_streams: int = DEFAULT_MAX_STREAMS) -> OrcaService:
     """Serve ``xds.service.orca.v3.OpenRcaService/StreamCoreMetrics`` on ``server`` (before it starts).
 
     ranks: the ranks this server reports for (None: every rank of the region).
     min_report_interval: seconds; a client asking for reports more often gets
-    them this often. Returns the OrcaService (its ``streams`` count is handy in
-    tests and metrics).
+    them this often. max_streams: streams open at once (the service needs no API
+    key, so this is what bounds them); one more is RESOURCE_EXHAUSTED. Returns the
+    OrcaService (its ``streams`` count is handy in tests and metrics).
     """
-    service = OrcaService(store, ranks=ranks, min_report_interval=min_report_interval)
+    service = OrcaService(store, ranks=ranks, min_report_interval=min_report_interval,
+                          max_streams=max_streams)
     # Identity serializers: the handler yields the bytes memoized per View.
     methods = {"StreamCoreMetrics": grpc.unary_stream_rpc_method_handler(service.stream_core_metrics)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ORCA_SERVICE, methods),))

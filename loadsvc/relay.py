@@ -134,10 +134,15 @@ AUTH_RELOAD = 2.0  # seconds between looks at the authorized directory
 HEARTBEAT_IVL_MS = 1000  # ZMTP heartbeats: a dead peer is noticed within ~3 s
 HEARTBEAT_TIMEOUT_MS = 3000
 HANDSHAKE_RETRY = 2.0  # seconds: a publisher whose handshake was refused tries again
+# Collector socket bounds: frames queued per connection (each at most twice
+# --max-frame-bytes: about 2 MiB per connection by default), and how long a
+# connection may take to complete its handshake before it is dropped (ZMQ: 30 s).
+RCVHWM = 16
+HANDSHAKE_IVL_MS = 5000
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
-# Every reason a frame (or, for the two handshake reasons, a connection) is refused.
+# Every reason a frame (or, for the three handshake reasons, a connection) is refused.
 REJECT_REASONS: dict[str, str] = {
     "oversized": "frame larger than --max-frame-bytes",
     "malformed": "not a single-part message",
@@ -148,7 +153,8 @@ REJECT_REASONS: dict[str, str] = {
     "bad_header": "epoch or seq is 0",
     "dp_size_mismatch": "publisher's dp_size differs from the region's",
     "rank_out_of_range": "dp_rank outside the region's dp_size",
-    "decode": "payload does not decode as a LoadSnapshot (or an int is out of its range)",
+    "decode": "payload does not decode as a LoadSnapshot",
+    "bad_value": "a number negative, NaN, infinite or beyond its protobuf type (the schema's value rule)",
     "rank_mismatch": "payload's dp_rank differs from the header's",
     "stale_seq": "seq not newer than the last accepted for that rank and epoch (replay, reorder)",
     "seq_jump": "seq further ahead of the last accepted than any publisher could have got since",
@@ -159,6 +165,8 @@ REJECT_REASONS: dict[str, str] = {
     "region_error": "the region could not be opened for writing",
     "unauthorized": "CURVE handshake refused: key not in the authorized directory (per attempt)",
     "handshake_failed": "handshake failed (wrong server key, or CURVE on one side only; per attempt)",
+    "no_handshake": "a connection ended or timed out in the handshake with no error seen here: port scans, "
+                    "TCP health checks (and some attempts of a one-sided CURVE publisher)",
     "internal_error": "an unexpected error while handling the frame (logged with its traceback)",
 }
 
@@ -263,6 +271,7 @@ class ZmqPublisher:
         self._seq = 0
         self.dropped = 0  # publishes the socket refused (never expected with CONFLATE)
         self._encode = msgspec.msgpack.Encoder().encode
+        self._check = msgspec.msgpack.Decoder(LoadSnapshot).decode
         ctx = context if context is not None else zmq.Context.instance()
         sock = ctx.socket(zmq.PUSH)
         try:
@@ -301,8 +310,9 @@ class ZmqPublisher:
     def publish(self, snapshot: Any) -> int:
         """Queue snapshot for the collector (replacing any undelivered one); return its seq.
 
-        Raises ValueError when the snapshot's dp_rank is not this publisher's or
-        its encoding exceeds the region's slot (the collector would drop it).
+        Raises ValueError when the snapshot's dp_rank is not this publisher's,
+        its encoding exceeds the region's slot, or a field breaks the schema's
+        value rule (negative, NaN, infinite): the collector would drop it.
         """
         if self._sock is None:
             raise ValueError(f"publisher for dp_rank {self.dp_rank} is closed")
@@ -313,6 +323,12 @@ class ZmqPublisher:
         if len(payload) > self._capacity:
             raise ValueError(f"snapshot encodes to {len(payload)} bytes, more than a region slot's "
                              f"payload capacity of {self._capacity} bytes; nothing sent")
+        try:
+            self._check(payload)  # the collector's own decode: what it would refuse is refused here
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+            raise ValueError(f"dp_rank {self.dp_rank}: snapshot field {schema.value_error(payload) or e} "
+                             "(no number in a snapshot may be negative, NaN or infinite); "
+                             "nothing sent") from None
         n = self._seq + 1
         m, rank, size, fp, epoch = self._head
         frame = self._pack(m, rank, size, fp, epoch, n) + payload
@@ -477,7 +493,7 @@ class Collector:
             registry=self.registry)
         self._rejected_metric = Counter(
             "loadsvc_relay_frames_rejected",
-            "Relay frames (and, for unauthorized/handshake_failed, connection attempts) refused",
+            "Relay frames (and, for unauthorized/handshake_failed/no_handshake, connections) refused",
             ["reason"], registry=self.registry)
         self._rejected_children = {r: self._rejected_metric.labels(reason=r) for r in REJECT_REASONS}
         self.accepted = 0
@@ -548,6 +564,11 @@ class Collector:
             # ZMQ itself drops a peer announcing a message beyond twice the limit,
             # before buffering it; frames between the limit and that are counted.
             sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_frame_bytes + FRAME_HEADER.size)
+            # Frames queued per connection while this thread is busy: a publisher sends
+            # one at a time (CONFLATE), so more only ever come from a flood, and ZMQ's
+            # default (1000) let one flooding peer park ~130 MB here.
+            sock.setsockopt(zmq.RCVHWM, RCVHWM)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
             _set_heartbeats(sock)
             if curve is not None:
                 public, secret = _load_secret(curve.secret_key, "--curve-secret-key")
@@ -662,9 +683,18 @@ class Collector:
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._reject("unauthorized", f"refused a publisher's CURVE key (ZAP status "
                                              f"{msg['value']}) on {self.bound_endpoint}")
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                 self._reject("handshake_failed", f"handshake failed on {self.bound_endpoint} "
                                                  "(wrong --curve-server-key, or CURVE on one side only)")
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                # libzmq's event for a connection that closed (or timed out, HANDSHAKE_IVL_MS)
+                # in the handshake without a protocol error on this side: port scans and TCP
+                # health checks, and those attempts of a one-sided CURVE publisher where the
+                # publisher saw the mismatch first (its other attempts are handshake_failed).
+                # Counted on its own, logged at debug only: a health check never fills the log.
+                self._reject("no_handshake", f"a connection to {self.bound_endpoint} ended before a "
+                                             f"ZMTP handshake (errno {int(msg['value'])})",
+                             level=logging.DEBUG)
 
     # -- frames ------------------------------------------------------------------------
 
@@ -723,6 +753,11 @@ class Collector:
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
             # msgspec raises UnicodeDecodeError (not DecodeError) for an enum string that is
             # not UTF-8: found by tests/test_fuzz.py; it must not end the collector thread.
+            bad = None
+            if isinstance(e, msgspec.ValidationError):  # a number breaking the value rule, or a type
+                bad = schema.value_error(frame[FRAME_HEADER.size:])
+            if bad is not None:
+                raise _Rejected("bad_value", f"dp_rank {rank}: {bad}") from None
             raise _Rejected("decode", f"dp_rank {rank}: payload is not a LoadSnapshot: {e}") from None
         if snapshot.dp_rank != rank:
             raise _Rejected("rank_mismatch", f"header dp_rank {rank}, payload dp_rank {snapshot.dp_rank}")
@@ -868,14 +903,15 @@ class Collector:
         log.info(msg + "%s", *args, more)
         self._last_log[key] = now
 
-    def _reject(self, reason: str, detail: str, exc_info: bool = False) -> None:
+    def _reject(self, reason: str, detail: str, exc_info: bool = False,
+                level: int = logging.WARNING) -> None:
         self.rejected[reason] += 1
         self._rejected_children[reason].inc()
         now = time.monotonic()
         if now - self._last_log.get(reason, -math.inf) >= LOG_EVERY:
             suppressed = self._suppressed.pop(reason, 0)
             more = f" (+{suppressed} more since the last line)" if suppressed else ""
-            log.warning("relay rejected a frame [%s]: %s%s", reason, detail, more, exc_info=exc_info)
+            log.log(level, "relay rejected a frame [%s]: %s%s", reason, detail, more, exc_info=exc_info)
             self._last_log[reason] = now
         else:
             self._suppressed[reason] = self._suppressed.get(reason, 0) + 1

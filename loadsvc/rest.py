@@ -56,7 +56,8 @@ from starlette.responses import Response
 from loadsvc import __version__, schema
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.schema import SECTIONS, Status
-from loadsvc.store import INCLUDE_TOKENS, BadRequest, LoadStore, Selection, View, response_dict
+from loadsvc.store import (INCLUDE_TOKENS, MAX_INCLUDE_CHARS, MAX_INCLUDE_TOKENS, MAX_INCLUDE_VALUES,
+                           BadRequest, LoadStore, Selection, View, response_dict)
 
 __all__ = ["create_router", "create_app", "PROMETHEUS_CONTENT_TYPE"]
 
@@ -72,8 +73,18 @@ INT32_MAX = 2**31 - 1
 _TOKENS_RE = "|".join(INCLUDE_TOKENS)
 INCLUDE_PATTERN = rf"^ *(?:(?:{_TOKENS_RE}) *)?(?:, *(?:(?:{_TOKENS_RE}) *)?)*$"
 _INCLUDE_RE = re.compile(INCLUDE_PATTERN)
+# OpenAPI also states parse_include's bounds (values, characters, tokens per value),
+# so a request valid by the schema is never refused; the server checks them there,
+# each with its own reason.
+_INCLUDE_SCHEMA = {
+    "type": "array", "maxItems": MAX_INCLUDE_VALUES,
+    "items": {"type": "string", "maxLength": MAX_INCLUDE_CHARS,
+              "pattern": INCLUDE_PATTERN.replace(")*$", f"){{0,{MAX_INCLUDE_TOKENS - 1}}}$")}}
 _DP_RANK_RE = re.compile(r"-?[0-9]+")
 _QUERY_MEMO_MAX = 512  # distinct query strings remembered (fuzzers send endless new ones)
+# Longer query strings are a 400 (field "query"), neither parsed nor remembered: the
+# memo above holds at most 512 x 4 KiB of keys (and of messages quoting them).
+MAX_QUERY_BYTES = 4096
 
 
 # -- query parsing -------------------------------------------------------------
@@ -124,7 +135,7 @@ def _parse_query(query_string: bytes, dp_size: int | None) -> tuple[Selection, s
     except BadRequest as e:
         reason = "negative" if dp_rank is not None and dp_rank < 0 else "out_of_range"
         if e.field != "dp_rank":
-            reason = "unknown_token"
+            reason = e.reason or "unknown_token"
         raise _Invalid(e.field, reason, str(e).removeprefix(f"{e.field}: ")) from None
     return sel, fmt
 
@@ -369,7 +380,7 @@ _LOADS_PARAMETERS = [
      "description": "Sections to include: " + ", ".join(INCLUDE_TOKENS) + ". Repeat the parameter "
                     "or separate tokens with commas. Absent, empty or `all`: every section the "
                     "rank published; `core`: none.",
-     "schema": {"type": "array", "items": {"type": "string", "pattern": INCLUDE_PATTERN}}},
+     "schema": _INCLUDE_SCHEMA},
     {"name": "format", "in": "query", "required": False,
      "description": "`json` (SGLang-compatible body) or `prometheus` (text exposition format).",
      "schema": {"type": "string", "enum": list(FORMATS), "default": "json"}},
@@ -424,13 +435,18 @@ class _Loads:
         key = (scope["query_string"], store.dp_size)
         parsed = self._memo.get(key)
         if parsed is None:
-            try:
-                parsed = _parse_query(key[0], key[1])
-            except _Invalid as e:
-                parsed = e
-            if len(self._memo) >= _QUERY_MEMO_MAX:
-                self._memo.clear()
-            self._memo[key] = parsed
+            if len(key[0]) > MAX_QUERY_BYTES:  # never parsed, never memoized
+                parsed = _Invalid("query", "too_long",
+                                  f"query string of {len(key[0])} bytes, longer than {MAX_QUERY_BYTES}; "
+                                  "a valid one needs well under 200")
+            else:
+                try:
+                    parsed = _parse_query(key[0], key[1])
+                except _Invalid as e:
+                    parsed = e
+                if len(self._memo) >= _QUERY_MEMO_MAX:
+                    self._memo.clear()
+                self._memo[key] = parsed
         if isinstance(parsed, _Invalid):
             self.metrics.bad_requests.labels(parsed.field, parsed.reason).inc()
             self.metrics.count("/v1/loads", 400)

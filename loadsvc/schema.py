@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import sys
 from typing import Annotated, Any, Optional
 
 import msgspec
@@ -38,16 +39,24 @@ __all__ = [
     "SCHEMA_FINGERPRINT",
     "to_dict",
     "to_proto",
+    "value_error",
     "from_proto",
     "status_number",
 ]
 
-_I32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
-_I64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# The value rule: every number in a snapshot is a count, a size, a rate, a ratio or a
+# time, so none is negative and none is NaN or infinite. It lives in these types, and
+# so in every Struct derived below: the region's reader and the relay's collector
+# decode with them (a payload breaking the rule is refused like a corrupt one) and the
+# publishers check their own payload with them (check_payload). No upper bound beyond
+# the protobuf type's: engines differ on what a ratio such as token_usage may reach.
+# For floats, ge=0 also refuses NaN (every comparison with NaN is false) and le=the
+# largest double refuses +inf.
+_I32 = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+_I64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 _U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 _U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgspec itself caps ints at 2**64 - 1
-# Integer ranges are enforced whenever a payload is decoded (shared memory,
-# ZMQ), so a value protobuf cannot carry never reaches a gRPC response.
+_F64 = Annotated[float, msgspec.Meta(ge=0.0, le=sys.float_info.max)]
 _SCALAR_TYPES: dict[int, Any] = {
     FieldDescriptor.TYPE_INT32: _I32,
     FieldDescriptor.TYPE_INT64: _I64,
@@ -55,10 +64,18 @@ _SCALAR_TYPES: dict[int, Any] = {
     FieldDescriptor.TYPE_UINT64: _U64,
     FieldDescriptor.TYPE_SINT32: _I32,
     FieldDescriptor.TYPE_SINT64: _I64,
-    FieldDescriptor.TYPE_DOUBLE: float,
-    FieldDescriptor.TYPE_FLOAT: float,
+    FieldDescriptor.TYPE_DOUBLE: _F64,
+    FieldDescriptor.TYPE_FLOAT: _F64,
     FieldDescriptor.TYPE_STRING: str,
     FieldDescriptor.TYPE_BOOL: bool,
+}
+# What each numeric type admits, in words (error messages name the field and this).
+_RULE_TEXT: dict[Any, str] = {
+    _I32: "an integer in 0..2147483647",
+    _I64: "an integer in 0..9223372036854775807",
+    _U32: "an integer in 0..4294967295",
+    _U64: "an integer in 0..18446744073709551615",
+    _F64: "a finite number >= 0",
 }
 
 
@@ -76,6 +93,8 @@ _STATUS_BY_NUMBER = {v.number: Status[v.name.removeprefix("LOAD_STATUS_")]
 _NUMBER_BY_STATUS = {s: n for n, s in _STATUS_BY_NUMBER.items()}
 
 _STRUCTS: dict[str, type[msgspec.Struct]] = {}
+# Per Struct, its fields in payload order: (name, type, the section's Struct or None).
+_FIELDS: dict[type[msgspec.Struct], tuple[tuple[str, Any, Any], ...]] = {}
 
 
 def _struct_for(desc: Descriptor) -> type[msgspec.Struct]:
@@ -83,15 +102,20 @@ def _struct_for(desc: Descriptor) -> type[msgspec.Struct]:
     if desc.full_name in _STRUCTS:
         return _STRUCTS[desc.full_name]
     fields: list[tuple[str, Any, Any]] = []
+    walk: list[tuple[str, Any, Any]] = []
     for f in sorted(desc.fields, key=lambda f: f.number):
         if f.type == FieldDescriptor.TYPE_MESSAGE:
-            fields.append((f.name, Optional[_struct_for(f.message_type)], None))
+            section = _struct_for(f.message_type)
+            fields.append((f.name, Optional[section], None))
+            walk.append((f.name, None, section))
         elif f.type == FieldDescriptor.TYPE_ENUM:
             fields.append((f.name, Status, _STATUS_BY_NUMBER[0]))
+            walk.append((f.name, Status, None))
         else:
             py = _SCALAR_TYPES[f.type]
-            default = {float: 0.0, str: "", bool: False}.get(py, 0)
+            default = {_F64: 0.0, str: "", bool: False}.get(py, 0)
             fields.append((f.name, py, default))
+            walk.append((f.name, py, None))
     # array_like: payloads are msgpack arrays in field-number order (77 bytes for
     # a core snapshot instead of ~450, and about half the decode time). The
     # region's schema fingerprint guards the order. JSON is built by to_dict().
@@ -99,6 +123,7 @@ def _struct_for(desc: Descriptor) -> type[msgspec.Struct]:
                             array_like=True)
     cls.__doc__ = f"Derived from protobuf message {desc.full_name} (see proto/)."
     _STRUCTS[desc.full_name] = cls
+    _FIELDS[cls] = tuple(walk)
     return cls
 
 
@@ -147,6 +172,37 @@ def _fingerprint() -> int:
 
 
 SCHEMA_FINGERPRINT: int = _fingerprint()
+
+
+def value_error(payload: bytes) -> str | None:
+    """The first number of an encoded LoadSnapshot that breaks the value rule, in words.
+
+    ``"token_usage = nan: expected a finite number >= 0"`` (sections as
+    ``memory.kv_cache_gb``); None when every number is allowed, or when the
+    payload is not a snapshot at all. The slow path after a decode with the
+    derived Structs failed: it tells a bad value from a malformed payload.
+    """
+    try:
+        values = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    return _first_bad_value(values, LoadSnapshot, "")
+
+
+def _first_bad_value(values: Any, cls: Any, prefix: str) -> str | None:
+    if not isinstance(values, list):
+        return None
+    for (name, typ, section), value in zip(_FIELDS[cls], values):
+        if section is not None:
+            found = _first_bad_value(value, section, f"{prefix}{name}.")
+            if found is not None:
+                return found
+        elif typ in _RULE_TEXT and isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                msgspec.convert(value, typ)
+            except msgspec.ValidationError:
+                return f"{prefix}{name} = {value!r}: expected {_RULE_TEXT[typ]}"
+    return None
 
 
 def status_number(status: Any) -> int:

@@ -47,7 +47,7 @@ from loadsvc.orca import ORCA_SERVICE, OrcaService, add_orca_service
 from loadsvc.settings import ServeSettings
 from loadsvc.store import LoadStore
 
-__all__ = ["serve", "run_serve", "ServeError", "GRPC_OPTIONS"]
+__all__ = ["serve", "run_serve", "ServeError", "GRPC_OPTIONS", "MAX_REQUEST_BYTES"]
 
 log = logging.getLogger("loadsvc.server")
 
@@ -58,8 +58,13 @@ WORKER_STOP_TIMEOUT = 5.0  # seconds workers get to stop after SIGTERM before SI
 WORKER_RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 # No SO_REUSEPORT with one process: a second server on the same port must fail,
 # not share it silently. Workers share it on purpose (after a probe: see serve()).
+# Requests are tiny (an empty GetLoadsRequest is 0 bytes; a full include list well
+# under 1 KiB): a larger message is refused by gRPC itself with RESOURCE_EXHAUSTED
+# before it is parsed, instead of costing a parse of megabytes on the serving loop.
+MAX_REQUEST_BYTES = 64 * 1024
 GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
 )
@@ -108,9 +113,33 @@ def _grpc_server(settings: ServeSettings, store: LoadStore, *,
     """A grpc.aio server with every loadsvc service over store (not listening yet)."""
     options = [(k, int(shared_port) if k == "grpc.so_reuseport" else v) for k, v in GRPC_OPTIONS]
     server = grpc.aio.server(options=options)
-    services = add_load_services(server, store, api_key=settings.api_key, extra_services=(ORCA_SERVICE,))
-    orca = add_orca_service(server, store, ranks=settings.orca_ranks)
+    services = add_load_services(server, store, api_key=settings.api_key, extra_services=(ORCA_SERVICE,),
+                                 max_streams=settings.max_streams)
+    orca = add_orca_service(server, store, ranks=settings.orca_ranks, max_streams=settings.max_streams)
     return server, services, orca
+
+
+class _StreamMetrics:
+    """This process's server-streaming calls on /metrics: open, and refused at --max-streams."""
+
+    def __init__(self, services: LoadServices, orca: OrcaService) -> None:
+        self.services = services
+        self.orca = orca
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        rows = (("WatchLoads", self.services.streams, self.services.refused_streams),
+                ("StreamCoreMetrics", self.orca.streams, self.orca.refused_streams))
+        opened = GaugeMetricFamily("loadsvc_grpc_streams", "Server-streaming gRPC calls open "
+                                   "(this process; --grpc-workers have their own)", labels=["method"])
+        refused = CounterMetricFamily("loadsvc_grpc_streams_refused", "Server-streaming gRPC calls "
+                                      "refused with RESOURCE_EXHAUSTED at --max-streams", labels=["method"])
+        for method, open_now, refused_total in rows:
+            opened.add_metric([method], open_now)
+            refused.add_metric([method], refused_total)
+        yield opened
+        yield refused
 
 
 def _listen_grpc(server: grpc.aio.Server, settings: ServeSettings, port: int) -> int:
@@ -187,6 +216,7 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
     store = LoadStore(settings.store)
     shared = settings.grpc_workers > 1
     grpc_server, services, orca = _grpc_server(settings, store, shared_port=shared)
+    registry.register(_StreamMetrics(services, orca))
     http_sock: socket.socket | None = None
     http_task: asyncio.Task[None] | None = None
     uv: Any = None

@@ -56,6 +56,9 @@ class ServeSettings:
     orca_ranks: tuple[int, ...] | None = None  # None: aggregate of every rank
     max_frame_bytes: int = 64 * 1024
     grpc_workers: int = 1  # gRPC server processes sharing grpc_port (SO_REUSEPORT) when > 1
+    # WatchLoads streams, and ORCA streams, open at once per gRPC process (each kind);
+    # the same default as loadsvc.grpc_service.DEFAULT_MAX_STREAMS.
+    max_streams: int = 4096
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,13 @@ writing the other buffer, so readers keep reading publish n undisturbed. After
 a bounded number of retries the reader returns its last good copy of that rank
 (which turns stale with time), or None if it never had one.
 
+Values: a payload is decoded with the Structs of loadsvc.schema, which carry the
+value rule (no number negative, NaN or infinite; ints within their protobuf
+type). A checksum-valid payload that breaks it (a foreign or buggy writer) is
+refused like any undecodable one: counted as ``corrupt``, the last good copy
+kept. ShmPublisher.publish applies the same decode before writing, so what it
+writes every reader accepts.
+
 Creation: the file is built under a temporary name, complete with its header,
 then hard-linked into place, so nobody ever sees a half-written header. A file
 that exists is validated: wrong magic, layout version, schema fingerprint or
@@ -383,6 +390,7 @@ class ShmPublisher:
         self._buffers = (r.buffer_offset(dp_rank, 0), r.buffer_offset(dp_rank, 1))
         self._seq: int = self._q[self._seq_index]  # continue after a previous owner
         self._encode = msgspec.msgpack.Encoder().encode
+        self._check = msgspec.msgpack.Decoder(LoadSnapshot).decode
         self.epoch = secrets.randbits(63) | 1
 
     def _stores(self, r: _Region) -> tuple[Any, Any]:
@@ -416,7 +424,9 @@ class ShmPublisher:
         """Write snapshot into this rank's slot; return its sequence number.
 
         Raises ValueError, leaving the slot untouched, when the snapshot's
-        dp_rank is not this publisher's or its encoding exceeds the slot.
+        dp_rank is not this publisher's, its encoding exceeds the slot, or a
+        field breaks the schema's value rule (a negative number, NaN or
+        infinity, an int beyond its protobuf type): the error names the field.
         publish_time_ns defaults to now (the relay passes its receive time).
         """
         if snapshot.dp_rank != self.dp_rank:
@@ -427,6 +437,12 @@ class ShmPublisher:
         if size > self._capacity:
             raise ValueError(f"snapshot encodes to {size} bytes, more than the slot's payload "
                              f"capacity of {self._capacity} bytes ({self.path}); nothing written")
+        try:
+            self._check(payload)  # the readers' own decode: what they would refuse is refused here
+        except _DECODE_ERRORS as e:
+            raise ValueError(f"dp_rank {self.dp_rank}: snapshot field {schema.value_error(payload) or e} "
+                             f"(no number in a snapshot may be negative, NaN or infinite); nothing "
+                             f"written ({self.path})") from None
         n = self._seq + 1
         t = _time_ns() if publish_time_ns is None else publish_time_ns
         base = self._buffers[n & 1]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ from loadsvc.settings import StoreSettings
 from loadsvc.shm import RegionError, ShmReader, create_region, freshness
 
 __all__ = ["LoadStore", "View", "Selection", "parse_include", "BadRequest", "INCLUDE_TOKENS",
-           "snapshot_dict", "response_dict", "response_proto"]
+           "MAX_INCLUDE_VALUES", "MAX_INCLUDE_TOKENS", "MAX_INCLUDE_CHARS", "snapshot_dict", "response_dict",
+           "response_proto", "int32_total", "finite_mean"]
 
 log = logging.getLogger("loadsvc.store")
 
@@ -57,14 +59,22 @@ STABLE_AFTER = 10.0
 MAX_ATTACH_RETRY = 8.0
 DETACH_REASONS = ("truncated", "removed")  # shrank under the reader; removed or replaced
 INCLUDE_TOKENS = ("core", "all", *SECTIONS)
+# A request's include list is parsed on every call and never kept: these bound what
+# one request may cost (64 tokens at most). The real tokens are at most 6 characters,
+# and 7 of them say everything a request can ask for. REST's OpenAPI states the same.
+MAX_INCLUDE_VALUES = 8  # include values per request (repeated field entries, query parameters)
+MAX_INCLUDE_TOKENS = 8  # comma-separated tokens per value, empty ones counted
+MAX_INCLUDE_CHARS = 128  # characters per value
+INT32_MAX = 2**31 - 1
 
 
 class BadRequest(ValueError):
-    """A request value out of range; the message names the field."""
+    """A request value out of range; the message names the field (reason: a short label, or "")."""
 
-    def __init__(self, field_name: str, message: str) -> None:
+    def __init__(self, field_name: str, message: str, reason: str = "") -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.reason = reason
 
 
 def parse_include(tokens: Iterable[str]) -> frozenset[str]:
@@ -72,12 +82,26 @@ def parse_include(tokens: Iterable[str]) -> frozenset[str]:
 
     Tokens may also be comma-separated inside one string ("core,memory").
     No tokens, or "all", selects every section; "core" alone selects none.
+    More than MAX_INCLUDE_VALUES values, a value longer than MAX_INCLUDE_CHARS,
+    or one of more than MAX_INCLUDE_TOKENS tokens is a BadRequest: the work
+    stops there, whatever the size of the rest.
     """
     selected: set[str] = set()
     everything = False
     seen_any = False
-    for raw in tokens:
-        for token in raw.split(","):
+    for count, raw in enumerate(tokens, 1):
+        if count > MAX_INCLUDE_VALUES:
+            raise BadRequest("include", f"more than {MAX_INCLUDE_VALUES} values; name each section "
+                                        "once (e.g. core,memory)", "too_many_values")
+        if len(raw) > MAX_INCLUDE_CHARS:
+            raise BadRequest("include", f"a value of {len(raw)} characters ({raw[:16]!r}...), longer "
+                                        f"than {MAX_INCLUDE_CHARS}", "value_too_long")
+        pieces = raw.split(",")
+        if len(pieces) > MAX_INCLUDE_TOKENS:
+            raise BadRequest("include", f"{len(pieces)} comma-separated tokens in one value "
+                                        f"({raw[:16]!r}...), more than {MAX_INCLUDE_TOKENS}",
+                             "too_many_tokens")
+        for token in pieces:
             token = token.strip().lower()
             if not token:
                 continue
@@ -152,14 +176,13 @@ class View:
         agg = self._memo.get(key)
         if agg is None:
             live = [s for s in self.select(sel) if s.status is not Status.UNREACHABLE]
-            n = len(live) or 1
             agg = AggregateMetrics(
-                total_running_reqs=sum(s.num_running_reqs for s in live),
-                total_waiting_reqs=sum(s.num_waiting_reqs for s in live),
-                total_reqs=sum(s.num_total_reqs for s in live),
-                avg_token_usage=sum(s.token_usage for s in live) / n,
-                avg_throughput=sum(s.gen_throughput for s in live) / n,
-                avg_utilization=sum(s.utilization for s in live) / n,
+                total_running_reqs=int32_total([s.num_running_reqs for s in live]),
+                total_waiting_reqs=int32_total([s.num_waiting_reqs for s in live]),
+                total_reqs=int32_total([s.num_total_reqs for s in live]),
+                avg_token_usage=finite_mean([s.token_usage for s in live]),
+                avg_throughput=finite_mean([s.gen_throughput for s in live]),
+                avg_utilization=finite_mean([s.utilization for s in live]),
             )
             self._memo[key] = agg
         return agg
@@ -171,6 +194,20 @@ class View:
         except KeyError:
             value = self._memo[key] = build(self)
             return value
+
+
+def int32_total(values: list[int]) -> int:
+    """A sum reported in an int32 field: saturates at 2**31 - 1 (each rank's count is int32 already)."""
+    return min(sum(values), INT32_MAX)
+
+
+def finite_mean(values: list[float]) -> float:
+    """The mean of finite numbers, finite itself (0.0 for none), even where their sum is not."""
+    n = len(values) or 1
+    total = sum(values)
+    if total == math.inf:  # two numbers near the largest double: divide before adding
+        return sum(v / n for v in values)
+    return total / n
 
 
 class LoadStore:

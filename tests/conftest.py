@@ -7,6 +7,8 @@
     serve_process (fixture)            a factory around start_serve that stops what it started
     fleet (fixture)                    a loadsvc.fleet.Fleet (toy engines, routers, smg), stopped after
     wait_for(predicate, timeout, what) poll until predicate() is truthy; return its value
+    forge_publish(shm, rank, n, payload) write payload as publish n of rank with a valid checksum,
+                                       as a foreign writer bypassing ShmPublisher would
     drive(url, n, concurrency, ...)    n POST /generate through url, at most concurrency at once
 """
 
@@ -189,6 +191,30 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def forge_publish(shm: Path, rank: int, n: int, payload: bytes) -> None:
+    """Write payload as publish n of rank, valid checksum and all, then point rank's seq at it.
+
+    What a foreign or buggy writer could do: everything ShmPublisher.publish does except
+    its checks. The layout is the one in loadsvc/shm.py's docstring.
+    """
+    import struct
+    import zlib
+
+    from loadsvc import shm as shm_mod
+
+    with open(shm, "r+b") as f:
+        header = f.read(shm_mod.HEADER_SIZE)
+        (_, _, _, _, slot_count, slot_size, capacity, _, _) = shm_mod._HEADER.unpack_from(header, 0)
+        seq_off, slots_off, _ = shm_mod._layout(slot_count, capacity)
+        base = slots_off + rank * slot_size + (n & 1) * (slot_size // 2)
+        t = time.time_ns()
+        crc = zlib.crc32(payload, (n * shm_mod._CRC_MUL ^ t) & 0xFFFFFFFF)
+        f.seek(base)
+        f.write(shm_mod._BUFFER_HEADER.pack(2 * n, t, len(payload) << 32 | crc, 0) + payload)
+        f.seek(seq_off + 8 * rank)
+        f.write(struct.pack("<Q", n))
 
 
 async def drive(url: str, n: int, concurrency: int, max_new: int = 32,

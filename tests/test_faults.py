@@ -9,6 +9,8 @@
     /dev/shm full or read-only        a RegionError naming the path and the reason (a small tmpfs)
     two publishers for one rank       the second is refused with a clear error; the first's death
                                       frees the rank
+    a foreign writer's NaN / -5       never served: counted corrupt, the last good copy stays; sums
+                                      and means of extreme (valid) values stay finite and in range
 
 Truncating a region under a live *publisher* is not survivable by that publisher:
 its next store into the mapping past the new end of file raises SIGBUS (as for any
@@ -545,3 +547,88 @@ def test_two_publishers_for_one_rank_across_processes(shm_path: Path, simulator:
         last = reader.sequences()[0]
     with ShmPublisher(shm_path, dp_size=2, dp_rank=0) as taker:  # the dead owner's rank is free
         assert taker.publish(LoadSnapshot(dp_rank=0, num_running_reqs=3)) == last + 1
+
+
+# -- values that must never be served ------------------------------------------------------------
+
+
+def _numbers(value: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """(path, leaf) for every leaf of a decoded JSON body (None included: it must not be there)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{where}[{i}]")
+    elif not isinstance(value, str):
+        yield where, value
+
+
+def test_a_foreign_writers_bad_values_are_never_served(shm_path: Path, serve_process: Any) -> None:
+    """A raw writer (valid checksum) puts NaN, inf and -5 in rank 0; ranks 1-2 publish extreme but
+    valid values. REST JSON, Prometheus, gRPC and ORCA carry only finite, non-negative numbers."""
+    import asyncio
+    import math
+
+    import msgspec
+    from xds.data.orca.v3.orca_load_report_pb2 import OrcaLoadReport
+    from xds.service.orca.v3.orca_pb2 import OrcaLoadReportRequest
+
+    from loadsvc.orca import ORCA_SERVICE
+
+    big = 2**31 - 1
+    pubs = [ShmPublisher(shm_path, dp_size=3, dp_rank=r) for r in range(3)]
+    try:
+        pubs[0].publish(LoadSnapshot(dp_rank=0, num_running_reqs=7, token_usage=0.5, gen_throughput=100.0))
+        for r in (1, 2):  # their totals overflow int32 and their sum overflows a double
+            pubs[r].publish(LoadSnapshot(dp_rank=r, num_running_reqs=big, num_waiting_reqs=big,
+                                         num_total_reqs=big, gen_throughput=1.5e308, token_usage=1e308))
+        server = serve_process(shm_path, args=["--stale-after", "60", "--unreachable-after", "120"])
+        wait_for(lambda: len(get_loads(server).loads) == 3, 10, "three ranks on gRPC")
+        bad = LoadSnapshot(dp_rank=0, num_running_reqs=7, token_usage=0.5, gen_throughput=100.0)
+        bad.token_usage, bad.gen_throughput, bad.num_waiting_reqs = math.nan, math.inf, -5
+        conftest.forge_publish(shm_path, 0, 2, msgspec.msgpack.encode(bad))
+        corrupt = 'loadsvc_shm_reader_corrupt_total{region="%s"}' % shm_path
+        wait_for(lambda: any(line.startswith(corrupt) and float(line.split()[-1]) >= 1
+                             for line in httpx.get(f"{server.http_url}/metrics", timeout=5).text.splitlines()),
+                 10, "the forged publish to be counted as corrupt")
+
+        body = httpx.get(f"{server.http_url}/v1/loads", timeout=5).json()
+        assert [(x["dp_rank"], x["seq"], x["num_running_reqs"]) for x in body["loads"]] == \
+            [(0, 1, 7), (1, 1, big), (2, 1, big)]
+        for where, value in _numbers(body):
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (where, value)
+        agg = body["aggregate"]
+        assert agg["total_running_reqs"] == agg["total_waiting_reqs"] == agg["total_reqs"] == big
+        assert agg["avg_throughput"] == pytest.approx(100.0 / 3 + 2 * (1.5e308 / 3), rel=1e-9)
+
+        text = httpx.get(f"{server.http_url}/v1/loads?format=prometheus", timeout=5).text
+        assert "NaN" not in text and "Inf" not in text and "-" not in "".join(
+            line.rsplit(" ", 1)[-1] for line in text.splitlines() if not line.startswith("#"))
+
+        resp = get_loads(server)  # gRPC: encodes (an int32 total past 2**31 - 1 would fail here)
+        assert [(x.dp_rank, x.seq) for x in resp.loads] == [(0, 1), (1, 1), (2, 1)]
+        assert resp.loads[0].token_usage == 0.5 and resp.loads[0].gen_throughput == 100.0
+        assert resp.aggregate.total_running_reqs == big and math.isfinite(resp.aggregate.avg_token_usage)
+
+        async def first_report() -> Any:
+            async with grpc.aio.insecure_channel(server.grpc_target) as ch:
+                stream = ch.unary_stream(f"/{ORCA_SERVICE}/StreamCoreMetrics",
+                                         request_serializer=OrcaLoadReportRequest.SerializeToString,
+                                         response_deserializer=OrcaLoadReport.FromString)
+                call = stream(OrcaLoadReportRequest())
+                report = await asyncio.wait_for(call.read(), 10)
+                call.cancel()
+                return report
+
+        report = asyncio.run(first_report())
+        numbers = [report.application_utilization, report.cpu_utilization, report.mem_utilization,
+                   report.rps_fractional, *report.utilization.values(), *report.named_metrics.values()]
+        assert all(math.isfinite(v) and v >= 0 for v in numbers), report
+        assert report.named_metrics["ranks_healthy"] == 3 and report.rps_fractional > 1e300
+
+        pubs[0].publish(LoadSnapshot(dp_rank=0, num_running_reqs=8))  # its own next publish: served
+        wait_for(lambda: get_loads(server).loads[0].num_running_reqs == 8, 10, "rank 0's next publish")
+    finally:
+        for pub in pubs:
+            pub.close()

@@ -246,6 +246,9 @@ async def test_bad_requests_get_invalid_argument_naming_the_field(make_env: Any)
         (pb.GetLoadsRequest(dp_rank=2**31 - 1), "dp_rank"),
         (pb.GetLoadsRequest(include=["memory", "bogus"]), "include"),
         (pb.GetLoadsRequest(include=["core,nope"]), "include"),
+        (pb.GetLoadsRequest(include=["core"] * 9), "include"),  # more than 8 values
+        (pb.GetLoadsRequest(include=["memory," * 8]), "include"),  # 9 tokens, the last one empty
+        (pb.GetLoadsRequest(include=["m" * 129]), "include"),  # a value longer than 128 characters
     ]
     for request, name in bad_get:
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -257,6 +260,7 @@ async def test_bad_requests_get_invalid_argument_naming_the_field(make_env: Any)
     bad_watch = [
         (pb.WatchLoadsRequest(dp_rank=-5), "dp_rank"),
         (pb.WatchLoadsRequest(include=["cores"]), "include"),
+        (pb.WatchLoadsRequest(include=["all"] * 1000), "include"),
         (pb.WatchLoadsRequest(min_interval_ms=3_600_001), "min_interval_ms"),
         (pb.WatchLoadsRequest(max_interval_ms=3_600_001), "max_interval_ms"),
         (pb.WatchLoadsRequest(max_interval_ms=5), "max_interval_ms"),
@@ -277,6 +281,11 @@ async def test_bad_requests_get_invalid_argument_naming_the_field(make_env: Any)
 
     resp = await env.stub.GetLoads(pb.GetLoadsRequest())  # the server still answers
     assert len(resp.loads) == 2
+    # At the limits: 8 values, 8 tokens in one, 128 characters (spaces around real tokens)
+    at_limits = ["core"] * 7 + [",".join(["memory"] * 8).center(128)]
+    resp = await env.stub.GetLoads(pb.GetLoadsRequest(include=at_limits))
+    assert any(load.HasField("memory") for load in resp.loads)
+    assert not any(load.HasField("queues") or load.HasField("lora") for load in resp.loads)
 
 
 # -- WatchLoads --------------------------------------------------------------------------------------
@@ -528,3 +537,52 @@ async def test_api_key_required_except_health(make_env: Any) -> None:
     assert "loadsvc.v1.LoadService" in await list_services(env.channel, metadata=good)
     health = await health_pb2_grpc.HealthStub(env.channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- loadsvc serve under requests far past any sane size ---------------------------------------------
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+def test_serve_refuses_huge_include_lists_and_its_memory_stays_bounded(shm_path: Path,
+                                                                       serve_process: Any) -> None:
+    """Multi-megabyte include lists: RESOURCE_EXHAUSTED before they are parsed; lists under the
+    message limit but past the token limit: INVALID_ARGUMENT naming include; nothing is kept."""
+    with ShmPublisher(shm_path, dp_size=2, dp_rank=0) as pub:
+        pub.publish(full_snapshot(0, 5))
+        server = serve_process(shm_path)
+        with grpc.insecure_channel(server.grpc_target) as ch:
+            stub = pb_grpc.LoadServiceStub(ch)
+            assert len(stub.GetLoads(pb.GetLoadsRequest(), timeout=10).loads) == 1
+            before = _rss_kib(server.proc.pid)
+            for i in range(16):  # ~4.5 MB each, every one different (a cache keyed on them would grow)
+                include = [f"memory{i:02d}", *["memory"] * 640_000]
+                request: Any = (pb.GetLoadsRequest(include=include) if i % 2 else
+                                pb.WatchLoadsRequest(include=include))
+                with pytest.raises(grpc.RpcError) as err:
+                    if i % 2:
+                        stub.GetLoads(request, timeout=10)
+                    else:
+                        next(stub.WatchLoads(request, timeout=10))
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+            for include, what in ((["core"] * 9000, "more than 8 values"),
+                                  (["m" * 60_000], "a value of 60000 characters"),
+                                  (["," * 100], "101 comma-separated tokens in one value")):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.GetLoads(pb.GetLoadsRequest(include=include), timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+                assert err.value.details().startswith("include: ") and what in err.value.details()
+                assert len(err.value.details()) < 300
+            resp = stub.GetLoads(pb.GetLoadsRequest(dp_rank=0, include=["core", "memory"]), timeout=10)
+            assert resp.loads[0].num_running_reqs == 5 and resp.loads[0].HasField("memory")
+            grown = _rss_kib(server.proc.pid) - before
+        # 72 MB of requests went in; the old per-request cache kept them (hundreds of MB). What is
+        # left is allocator slack of a few megabytes.
+        assert grown < 32 * 1024, f"serve grew by {grown} KiB"
+        assert server.proc.poll() is None
+        assert "Traceback" not in server.log()

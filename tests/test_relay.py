@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -185,11 +187,19 @@ def test_bad_frames_are_counted_per_reason_and_never_touch_the_region(collector,
         # payload says rank 1 under rank 0's header: would overwrite another rank
         ("rank_mismatch", [encode_frame(enc(snap(1, running=99)), dp_rank=0, dp_size=DP,
                                         epoch=epoch0, seq=59)]),
-        # an int32 field beyond int32: the Struct's constraint rejects it
-        ("decode", [encode_frame(enc(snap(0, running=2**40)), dp_rank=0, dp_size=DP,
-                                 epoch=epoch0, seq=60)]),
-        ("decode", [encode_frame(enc(snap(0, running=-(2**31) - 1)), dp_rank=0, dp_size=DP,
-                                 epoch=epoch0, seq=61)]),
+        # the schema's value rule: an int32 field beyond int32, a negative count, NaN, inf
+        ("bad_value", [encode_frame(enc(snap(0, running=2**40)), dp_rank=0, dp_size=DP,
+                                    epoch=epoch0, seq=60)]),
+        ("bad_value", [encode_frame(enc(snap(0, running=-5)), dp_rank=0, dp_size=DP,
+                                    epoch=epoch0, seq=61)]),
+        ("bad_value", [encode_frame(enc(snap(0, token_usage=float("nan"))), dp_rank=0, dp_size=DP,
+                                    epoch=epoch0, seq=63)]),
+        ("bad_value", [encode_frame(enc(snap(0, gen_throughput=float("inf"))), dp_rank=0, dp_size=DP,
+                                    epoch=epoch0, seq=64)]),
+        ("bad_value", [encode_frame(enc(snap(0, memory=MemoryMetrics(kv_cache_gb=-1.0))), dp_rank=0,
+                                    dp_size=DP, epoch=epoch0, seq=65)]),
+        # a string where a number belongs: malformed, not a bad value
+        ("decode", [encode_frame(enc([0, "five"]), dp_rank=0, dp_size=DP, epoch=epoch0, seq=66)]),
         # replay of rank 0's accepted seq 1, and a frame older than it
         ("stale_seq", [encode_frame(payload0, dp_rank=0, dp_size=DP, epoch=epoch0, seq=1)]),
         # too big for the slot (2048 bytes) but under --max-frame-bytes
@@ -379,6 +389,12 @@ def test_publisher_api_checks(zctx):
         big = LoadSnapshot(dp_rank=1, disaggregation=DisaggregationMetrics(mode="x" * 4000))
         with pytest.raises(ValueError, match="payload capacity"):
             pub.publish(big)
+        for field, value in (("token_usage", float("nan")), ("gen_throughput", float("inf")),
+                             ("num_waiting_reqs", -5)):
+            with pytest.raises(ValueError, match=f"dp_rank 1: snapshot field {field} = {value!r}: "
+                                                 ".*nothing sent"):
+                pub.publish(snap(1, **{field: value}))
+        assert pub.seq == 0
         calls = [pub.maybe_publish(lambda: snap(1)) for _ in range(6)]
         assert calls == [False, False, True, False, False, True] and pub.seq == 2
 
@@ -494,6 +510,99 @@ def test_curve_picks_up_newly_authorized_keys(collector, shm_path, keys, monkeyp
             time.sleep(0.05)
         assert reader_value(shm_path, 2).num_running_reqs == 5
         assert pub.handshake_failures >= 1  # it was refused, then retried by itself
+
+
+@pytest.mark.parametrize("with_curve", [False, True], ids=["open", "curve"])
+def test_plain_tcp_connects_are_no_handshake_not_handshake_failed(collector, shm_path, keys,
+                                                                  with_curve, caplog):
+    """A port scan or a TCP health check is not a publisher with a wrong key: counted apart, not warned."""
+    c = collector(curve=CurveServerSettings(keys["server_sec"], keys["authorized"]) if with_curve else None)
+    host, port = c.bound_endpoint.removeprefix("tcp://").rsplit(":", 1)
+    with caplog.at_level("WARNING", logger="loadsvc.relay"):
+        for i in range(5):
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                if i % 2:
+                    s.sendall(b"\xff" + b"\x00" * 8)  # a partial ZMTP greeting, then gone
+        wait_for(lambda: c.rejected["no_handshake"] >= 5, 5, "five no_handshake counts")
+    assert c.rejected["handshake_failed"] == 0 and c.rejected["unauthorized"] == 0
+    assert c.registry.get_sample_value("loadsvc_relay_frames_rejected_total",
+                                       {"reason": "no_handshake"}) >= 5
+    assert "no_handshake" not in caplog.text
+    # ... and a publisher with CURVE on one side only is still handshake_failed (libzmq reports some
+    # of its attempts without detail, when the publisher's side sees the mismatch first: it retries)
+    one_sided = None if with_curve else CurveClientSettings(keys["server_pub"], keys["good_sec"])
+    plain = ZmqPublisher(c.bound_endpoint, dp_size=DP, dp_rank=0, curve=one_sided)
+    try:
+        wait_for(lambda: plain.publish(snap(0)) and c.rejected["handshake_failed"] >= 1, 15,
+                 "handshake_failed for a one-sided publisher")
+    finally:
+        plain.close()
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+FLOODER = """
+import sys, time, zmq
+ctx = zmq.Context()
+socks = [ctx.socket(zmq.PUSH) for _ in range(int(sys.argv[2]))]
+for s in socks:
+    s.setsockopt(zmq.SNDHWM, 1)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(sys.argv[1])
+frame, sent, end = b"x" * int(sys.argv[3]), 0, time.monotonic() + float(sys.argv[4])
+while time.monotonic() < end:
+    moved = False
+    for s in socks:
+        try:
+            s.send(frame, zmq.NOBLOCK)
+            sent, moved = sent + 1, True
+        except zmq.Again:
+            pass
+    if not moved:
+        time.sleep(0.01)
+print(sent, flush=True)
+"""
+
+
+def test_a_flood_queues_a_bounded_number_of_frames_per_connection(collector, shm_path, monkeypatch):
+    """8 connections push 100 kB frames while the collector thread is held: what the collector's
+    process buffers is bounded by RCVHWM per connection (ZMQ's default parked ~37 MB each)."""
+    c = collector(max_frame_bytes=64 * 1024)
+    held = threading.Event()
+    handle = c.handle
+    monkeypatch.setattr(c, "handle", lambda parts, now: held.wait(30) and handle(parts, now))
+    before = _rss_kib()
+    flood = subprocess.run([sys.executable, "-c", FLOODER, c.bound_endpoint, "8", "100000", "3"],
+                           capture_output=True, text=True, timeout=60)
+    grown = _rss_kib() - before
+    held.set()
+    assert flood.returncode == 0, flood.stderr
+    # 8 x RCVHWM (16) frames of 100 kB, and ZMQ's read buffers: ~16 MB measured
+    assert grown < 48 * 1024, f"the collector's process grew by {grown} KiB ({flood.stdout.strip()} sent)"
+    wait_for(lambda: c.rejected["oversized"] >= 8 * relay.RCVHWM, 10, "the queued frames counted")
+    pub = ZmqPublisher(c.bound_endpoint, dp_size=DP, dp_rank=2)
+    try:
+        pub.publish(snap(2, running=9))
+        read_when(shm_path, 2, lambda s: s.num_running_reqs == 9)  # and valid ranks still flow
+    finally:
+        pub.close()
+
+
+def test_a_connection_without_a_handshake_is_dropped(collector, monkeypatch):
+    monkeypatch.setattr(relay, "HANDSHAKE_IVL_MS", 300)  # read when the collector opens its socket
+    c = collector()
+    host, port = c.bound_endpoint.removeprefix("tcp://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as idle:
+        assert idle.recv(64)  # the collector's greeting; then nothing from us
+        idle.settimeout(10)  # ZMQ's own default would hold it for 30 s: recv times out, the test fails
+        while idle.recv(64):  # the rest of the greeting, then EOF when it drops us
+            pass
+    wait_for(lambda: c.rejected["no_handshake"] >= 1, 5, "the dropped connection counted")
 
 
 def test_curve_configuration_errors_name_the_file(shm_path, keys):

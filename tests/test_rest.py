@@ -472,6 +472,30 @@ async def test_bad_input_is_a_counted_400(client: httpx.AsyncClient, registry: C
     assert r.status_code == 200 and len(r.json()["loads"]) == 3
 
 
+LIMIT_QUERIES = [
+    ("include=" + ",".join(["core"] * 9), "include", "too_many_tokens"),
+    ("&".join(["include=memory"] * 9), "include", "too_many_values"),
+    ("include=" + ",".join(["memory"] * 8) + " " * 80, "include", "value_too_long"),
+    ("include=core&pad=" + "a" * 4100, "query", "too_long"),  # past 4096 bytes: not even parsed
+]
+
+
+@pytest.mark.parametrize(("query", "field", "reason"), LIMIT_QUERIES,
+                         ids=["tokens", "values", "long-value", "long-query"])
+async def test_query_and_include_limits_are_counted_400s(client: httpx.AsyncClient,
+                                                         registry: CollectorRegistry,
+                                                         query: str, field: str, reason: str) -> None:
+    r = await client.get(f"/v1/loads?{query}")
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["field"] == field and len(error["message"]) < 300, error
+    assert registry.get_sample_value("loadsvc_rest_bad_requests_total",
+                                     {"field": field, "reason": reason}) == 1
+    ok = "&".join(["include=core"] * 7) + "&include=" + ",".join(["memory"] * 8)  # at the limits: fine
+    r = await client.get(f"/v1/loads?{ok}")
+    assert r.status_code == 200 and len(r.json()["loads"]) == 3
+
+
 async def test_bad_messages_say_what_is_expected(client: httpx.AsyncClient) -> None:
     msg = (await client.get("/v1/loads?dp_rank=9")).json()["error"]["message"]
     assert "9" in msg and "0..3" in msg

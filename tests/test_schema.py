@@ -28,9 +28,10 @@ from loadsvc._proto.sglang.grpc.scheduler import sglang_scheduler_pb2 as sg
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The value rule: no number in a snapshot is negative (nor NaN or infinite, for floats).
 INT_RANGES = {
-    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
-    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_INT32: (0, 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (0, 2**63 - 1),
     FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
     FieldDescriptor.TYPE_UINT64: (0, None),
 }
@@ -114,7 +115,10 @@ def test_struct_matches_descriptor_field_by_field(cls: type, desc: Descriptor) -
             assert (meta.ge, meta.le) == (lo, hi), where
             assert sf.default == 0 and type(sf.default) is int, where
         elif pf.type in FLOAT_TYPES:
-            assert sf.type is float and sf.default == 0.0 and type(sf.default) is float, where
+            assert typing.get_origin(sf.type) is typing.Annotated, where
+            base, meta = typing.get_args(sf.type)
+            assert base is float and (meta.ge, meta.le) == (0.0, sys.float_info.max), where
+            assert sf.default == 0.0 and type(sf.default) is float, where
         elif pf.type == FieldDescriptor.TYPE_STRING:
             assert sf.type is str and sf.default == "", where
         else:
@@ -310,14 +314,14 @@ def test_py_typed_is_installed() -> None:
 # --- values protobuf cannot carry ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value", [("num_running_reqs", 2**31), ("dp_rank", -(2**31) - 1),
+@pytest.mark.parametrize("field,value", [("num_running_reqs", 2**31), ("dp_rank", -1),
                                          ("num_waiting_uncached_tokens", 2**40)])
 def test_int32_out_of_range_fails_decode(field: str, value: int) -> None:
     snap = schema.LoadSnapshot(dp_rank=0)
     setattr(snap, field, value)  # Structs do not validate on assignment
     data = msgspec.msgpack.encode(snap)
     index = schema.LoadSnapshot.__struct_fields__.index(field)  # payloads are arrays
-    bound = "<= 2147483647" if value > 0 else ">= -2147483648"
+    bound = "<= 2147483647" if value > 0 else ">= 0"
     with pytest.raises(msgspec.ValidationError, match=re.escape(f"{bound} - at `$[{index}]`")):
         msgspec.msgpack.decode(data, type=schema.LoadSnapshot)
     # In range at the edge is fine.
@@ -326,22 +330,62 @@ def test_int32_out_of_range_fails_decode(field: str, value: int) -> None:
                    field) == 2**31 - 1
 
 
-def test_reader_treats_out_of_range_payload_as_corrupt() -> None:
-    path = Path(f"/dev/shm/loadsvc-test-schema-{uuid.uuid4().hex}.shm")
+# --- the value rule: no number negative, NaN or infinite ---------------------------------
+
+NAN, INF = float("nan"), float("inf")
+BAD_VALUES = [("num_running_reqs", -5), ("dp_rank", -1), ("num_total_tokens", -1),
+              ("token_usage", NAN), ("gen_throughput", INF), ("utilization", -INF),
+              ("cache_hit_rate", -0.5), ("age_ms", NAN), ("memory.kv_cache_gb", NAN),
+              ("speculative.accept_rate", INF), ("queues.waiting", -1),
+              ("disaggregation.kv_transfer_latency_ms", -1.0), ("num_running_reqs", 2**31)]
+
+
+def _with(path: str, value: Any) -> Any:
+    snap = full_snapshot(0)
+    target = snap
+    *sections, name = path.split(".")
+    for section in sections:
+        target = getattr(target, section)
+    setattr(target, name, value)  # Structs do not validate on assignment
+    return snap
+
+
+@pytest.mark.parametrize("path,value", BAD_VALUES, ids=[f"{p}={v}" for p, v in BAD_VALUES])
+def test_value_rule_refuses_negative_and_non_finite_numbers(path: str, value: Any) -> None:
+    payload = msgspec.msgpack.encode(_with(path, value))
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.msgpack.decode(payload, type=schema.LoadSnapshot)
+    problem = schema.value_error(payload)
+    assert problem is not None and problem.startswith(f"{path} = {value!r}: expected "), problem
+    assert ("finite number >= 0" if isinstance(value, float) else "an integer in 0..") in problem
+
+
+def test_value_rule_admits_the_edges() -> None:
+    snap = full_snapshot(0)
+    for name in ("token_usage", "gen_throughput", "cache_hit_rate"):
+        setattr(snap, name, 0.0)
+    snap.utilization = sys.float_info.max  # no upper bound but the double's: engines differ on ratios
+    snap.num_running_reqs, snap.num_waiting_reqs = 0, 2**31 - 1
+    snap.memory.kv_cache_gb = -0.0  # compares equal to 0
+    payload = msgspec.msgpack.encode(snap)
+    assert msgspec.msgpack.decode(payload, type=schema.LoadSnapshot) == snap
+    assert schema.value_error(payload) is None
+    assert schema.value_error(b"\xc1 not msgpack") is None  # malformed is not a bad value
+
+
+@pytest.mark.parametrize("path,value", [("token_usage", NAN), ("num_running_reqs", -5),
+                                        ("memory.weight_gb", INF), ("num_running_reqs", 2**31)])
+def test_publisher_refuses_a_bad_value_and_leaves_the_slot_alone(path: str, value: Any) -> None:
+    region = Path(f"/dev/shm/loadsvc-test-schema-{uuid.uuid4().hex}.shm")
     try:
-        with loadsvc.ShmPublisher(path, dp_size=2, dp_rank=1) as pub, loadsvc.ShmReader(path) as reader:
-            pub.publish(schema.LoadSnapshot(dp_rank=1, num_running_reqs=5))
-            assert reader.read(1).num_running_reqs == 5
-            bad = schema.LoadSnapshot(dp_rank=1)
-            bad.num_running_reqs = 2**31  # protobuf's int32 cannot carry it
-            seq = pub.publish(bad)
-            assert seq == 2 and reader.sequences()[1] == 2
-            got = reader.read(1)
-            assert got.num_running_reqs == 5 and got.seq == 1  # the last good one
-            assert reader.corrupt == 1
-            assert [s.num_running_reqs for s in reader.read_all()] == [5]
-            assert reader.corrupt >= 1
-            pub.publish(schema.LoadSnapshot(dp_rank=1, num_running_reqs=6))
-            assert reader.read(1).num_running_reqs == 6 and reader.read(1).seq == 3
+        with loadsvc.ShmPublisher(region, dp_size=2, dp_rank=0) as pub, loadsvc.ShmReader(region) as reader:
+            pub.publish(full_snapshot(0))
+            before = region.read_bytes()
+            with pytest.raises(ValueError, match=re.escape(f"dp_rank 0: snapshot field {path} = {value!r}: "
+                                                           "expected ")) as err:
+                pub.publish(_with(path, value))
+            assert "nothing written" in str(err.value) and str(region) in str(err.value)
+            assert region.read_bytes() == before and pub.seq == 1
+            assert reader.read(0).seq == 1 and reader.corrupt == 0
     finally:
-        path.unlink(missing_ok=True)
+        region.unlink(missing_ok=True)

@@ -348,3 +348,49 @@ def test_serve_grpc_workers_port_in_use_fails_with_a_message(shm_path: Path) -> 
             capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1, proc.stderr
     assert f"cannot listen for gRPC on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_max_streams_bounds_watch_and_orca_streams(shm_path: Path, serve_process: Any,
+                                                        channel_to: Any) -> None:
+    """--max-streams 3: a fourth WatchLoads, and a fourth ORCA stream (no API key needed for it),
+    is RESOURCE_EXHAUSTED; /metrics counts both; a stream that ends frees its place."""
+    from xds.data.orca.v3.orca_load_report_pb2 import OrcaLoadReport
+    from xds.service.orca.v3.orca_pb2 import OrcaLoadReportRequest
+
+    from loadsvc.orca import ORCA_SERVICE
+
+    with ShmPublisher(shm_path, dp_size=1, dp_rank=0) as pub:
+        pub.publish(LoadSnapshot(dp_rank=0, num_running_reqs=3))
+        server = serve_process(shm_path, args=["--max-streams", "3"])
+        ch = channel_to(server.grpc_target)
+        stub = pb_grpc.LoadServiceStub(ch)
+        orca = ch.unary_stream(f"/{ORCA_SERVICE}/StreamCoreMetrics",
+                               request_serializer=OrcaLoadReportRequest.SerializeToString,
+                               response_deserializer=OrcaLoadReport.FromString)
+        watches = [StreamReader(stub.WatchLoads(pb.WatchLoadsRequest(), timeout=60)) for _ in range(3)]
+        reports = [StreamReader(orca(OrcaLoadReportRequest(), timeout=60)) for _ in range(3)]
+        for reader in (*watches, *reports):
+            reader.next(10)  # each got its first message: all six are open
+        for extra, method in ((lambda: stub.WatchLoads(pb.WatchLoadsRequest(), timeout=10), "WatchLoads"),
+                              (lambda: orca(OrcaLoadReportRequest(), timeout=10), "StreamCoreMetrics")):
+            with pytest.raises(grpc.RpcError) as err:
+                next(iter(extra()))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.value.details().startswith(f"{method}: 3 streams open"), err.value.details()
+        assert stub.GetLoads(pb.GetLoadsRequest(), timeout=10).loads[0].num_running_reqs == 3
+
+        def metric(name: str, method: str) -> float | None:
+            for line in httpx.get(f"{server.http_url}/metrics", timeout=5).text.splitlines():
+                if line.startswith(f'{name}{{method="{method}"}} '):
+                    return float(line.split()[-1])
+            return None
+
+        for method in ("WatchLoads", "StreamCoreMetrics"):
+            assert metric("loadsvc_grpc_streams", method) == 3
+            assert metric("loadsvc_grpc_streams_refused_total", method) == 1
+        watches[0].call.cancel()
+        wait_for(lambda: metric("loadsvc_grpc_streams", "WatchLoads") == 2, 10, "a stream to end")
+        again = StreamReader(stub.WatchLoads(pb.WatchLoadsRequest(), timeout=60))
+        assert again.next(10).loads[0].num_running_reqs == 3
+        for reader in (again, *watches[1:], *reports):
+            reader.call.cancel()

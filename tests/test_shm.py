@@ -651,6 +651,34 @@ def test_read_all_never_returns_corrupt_buffers(region: Path, native: bool) -> N
             raw.close()
 
 
+@pytest.mark.parametrize("field,value", [("token_usage", float("nan")), ("gen_throughput", float("inf")),
+                                         ("num_running_reqs", -5), ("num_running_reqs", 2**31)])
+def test_a_foreign_writers_bad_value_is_corrupt_never_served(region: Path, native: bool, field: str,
+                                                             value: Any) -> None:
+    """A raw writer bypassing ShmPublisher, valid checksum: the value rule makes it a corrupt read."""
+    with ShmPublisher(region, dp_size=2, dp_rank=0) as pub, ShmReader(region, native=native) as reader:
+        pub.publish(checkable(0, 1))
+        assert [s.seq for s in reader.read_all()] == [1]
+        bad = checkable(0, 2)
+        setattr(bad, field, value)  # Structs do not validate on assignment
+        raw = Raw(region)
+        try:
+            raw.write(0, 2, bad)
+            raw.set_seq(0, 2)
+            cold = ShmReader(region, native=native)  # never had a good copy of rank 0
+            with cold:
+                for r, last_good in ((reader, [1]), (cold, [])):
+                    snaps = r.read_all()
+                    assert [s.seq for s in snaps] == last_good
+                    assert r.read(0) is (snaps[0] if snaps else None)
+                    assert r.corrupt >= 2 and r.unavailable == 0
+            assert violation(reader.read(0), 0) is None
+            raw.write(0, 2, checkable(0, 2))  # the same publish, now within the rule: read
+            assert [s.seq for s in reader.read_all()] == [2]
+        finally:
+            raw.close()
+
+
 # --- creation by many processes at once ------------------------------------------------------
 
 
