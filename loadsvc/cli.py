@@ -25,6 +25,8 @@ from loadsvc.settings import (
     CurveServerSettings,
     DemoSettings,
     EngineSettings,
+    GrpcLimits,
+    HttpLimits,
     RouterSettings,
     ServeSettings,
     SimulateSettings,
@@ -135,6 +137,33 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", type=Path, default=None, help="the client certificate's private key (PEM)")
 
 
+def _add_http_limit_args(p: argparse.ArgumentParser, *, body: bool) -> None:
+    """The HTTP server's limits (loadsvc/_limits.py); body: also --http-max-body-bytes."""
+    d = HttpLimits()
+    p.add_argument("--http-max-header-bytes", type=_positive_int, default=d.max_header_bytes, metavar="N",
+                   help="request line and headers larger than this: 431, connection closed "
+                        "(default %(default)s)")
+    p.add_argument("--http-header-timeout", type=_positive_float, default=d.header_timeout, metavar="S",
+                   help="a connection must send a complete request header within this many seconds of "
+                        "connecting or of its previous response, else it is closed (default %(default)s)")
+    p.add_argument("--http-idle-timeout", type=_positive_float, default=d.idle_timeout, metavar="S",
+                   help="close a keep-alive connection idle this long (default %(default)s)")
+    p.add_argument("--http-max-connections", type=_positive_int, default=d.max_connections, metavar="N",
+                   help="HTTP connections open at once; at the cap the one waiting longest for a request "
+                        "is closed (default %(default)s)")
+    if body:
+        p.add_argument("--http-max-body-bytes", type=_positive_int, default=d.max_body_bytes, metavar="N",
+                       help="request bodies larger than this: 413, never buffered (default %(default)s)")
+
+
+def _http_limits(args: argparse.Namespace) -> HttpLimits:
+    d = HttpLimits()
+    return HttpLimits(max_header_bytes=args.http_max_header_bytes, header_timeout=args.http_header_timeout,
+                      idle_timeout=args.http_idle_timeout, max_connections=args.http_max_connections,
+                      tls_handshake_timeout=getattr(args, "handshake_timeout", d.tls_handshake_timeout),
+                      max_body_bytes=getattr(args, "http_max_body_bytes", d.max_body_bytes))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loadsvc",
@@ -189,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "the region itself; the kernel spreads connections (not calls) over them. "
                         "Use about one per core for hundreds of WatchLoads subscribers. REST and the "
                         "collector stay in the first process (default %(default)s)")
+    _add_http_limit_args(p, body=False)
+    g = GrpcLimits()
+    p.add_argument("--handshake-timeout", type=_positive_float, default=g.handshake_timeout, metavar="S",
+                   help="seconds a new connection gets for its TLS handshake (REST and gRPC) and, on gRPC, "
+                        "its HTTP/2 settings exchange (default %(default)s)")
+    p.add_argument("--grpc-max-connections", type=_positive_int, default=g.max_connections, metavar="N",
+                   help="gRPC connections open at once, per server process (default %(default)s)")
+    p.add_argument("--grpc-max-streams", type=_positive_int, default=g.max_streams_per_connection,
+                   metavar="N", help="concurrent calls (e.g. WatchLoads streams) per gRPC connection "
+                                     "(default %(default)s)")
+    p.add_argument("--grpc-idle-timeout", type=_positive_float, default=g.idle_timeout, metavar="S",
+                   help="a gRPC connection without a call this long is closed (GOAWAY; clients "
+                        "reconnect) (default %(default)s)")
 
     p = sub.add_parser("simulate", help="publish simulated engine load",
                        description="An engine simulator: arrivals, queues that build and drain, token "
@@ -246,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-after", type=_positive_float, default=DEFAULT_STALE_AFTER,
                    help="seconds without a publish before /v1/loads calls a rank stale "
                         "(default %(default)s)")
+    _add_http_limit_args(p, body=True)
 
     p = sub.add_parser("router", help="the reference P2C router in front of engines",
                        description="An HTTP proxy in front of `loadsvc engine` workers that routes by "
@@ -262,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip an engine after this many seconds without a WatchLoads message "
                         "(default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the power of two choices")
+    _add_http_limit_args(p, body=True)
 
     p = sub.add_parser("bench", help="benchmarks (print figures and ratios against a baseline)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -314,6 +358,10 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         orca_ranks=args.orca_ranks,
         max_frame_bytes=args.max_frame_bytes,
         grpc_workers=args.grpc_workers,
+        http_limits=_http_limits(args),
+        grpc_limits=GrpcLimits(max_connections=args.grpc_max_connections,
+                               max_streams_per_connection=args.grpc_max_streams,
+                               idle_timeout=args.grpc_idle_timeout, handshake_timeout=args.handshake_timeout),
     )
 
 
@@ -404,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             max_total_tokens=args.max_total_tokens, host=args.host, http_port=args.port,
             grpc_port=args.grpc_port, shm=args.shm, publish_rate=args.publish_rate, model=args.model,
             stale_after=args.stale_after, step_ms=args.step_ms, batch_knee=args.batch_knee,
-            prefill_tokens_per_step=args.prefill_tokens_per_step))
+            prefill_tokens_per_step=args.prefill_tokens_per_step, http_limits=_http_limits(args)))
     if cmd == "router":
         from loadsvc.router import parse_worker, run_router
 
@@ -413,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise SystemExit(f"loadsvc router: --worker: {e}") from None
         return run_router(RouterSettings(workers=workers, policy=args.policy, host=args.host,
-                                         port=args.port, stale_after=args.stale_after, seed=args.seed))
+                                         port=args.port, stale_after=args.stale_after, seed=args.seed,
+                                         http_limits=_http_limits(args)))
     if cmd == "bench":
         import importlib
 

@@ -72,9 +72,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loadsvc import __version__
 from loadsvc._hosting import bind_tcp, run, serve_until_signal
+from loadsvc._limits import grpc_options
 from loadsvc.embed import add_to_grpc_server, loads_router, open_store
 from loadsvc.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
-from loadsvc.settings import EngineSettings
+from loadsvc.settings import EngineSettings, GrpcLimits
 from loadsvc.shm import RegionError, ShmPublisher, default_path
 
 __all__ = ["Engine", "EngineError", "run_engine", "prompt_tokens", "region_path"]
@@ -726,7 +727,7 @@ async def _serve(settings: EngineSettings) -> None:
     await engine.start()
     try:
         # so_reuseport off: a second engine on the same --grpc-port must fail, not share it.
-        grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *grpc_options(GrpcLimits())])
         surfaces = add_to_grpc_server(grpc_server, engine.store)
         grpc_addr = f"[{settings.host}]:{settings.grpc_port}" if ":" in settings.host \
             else f"{settings.host}:{settings.grpc_port}"
@@ -741,6 +742,7 @@ async def _serve(settings: EngineSettings) -> None:
         try:
             # SIGUSR1 / SIGUSR2 stop and resume the publisher alone; SIGTERM / SIGINT stop it all.
             await serve_until_signal(create_app(engine), http_sock, settings.host, settings.http_port,
+                                     what="engine HTTP", limits=settings.http_limits,
                                      signals={signal.SIGUSR1: lambda: engine.set_publishing(False),
                                               signal.SIGUSR2: lambda: engine.set_publishing(True)},
                                      on_stop=engine.end_requests)  # so HTTP drains at once
