@@ -190,6 +190,24 @@ def test_a_flood_of_idle_connections_leaves_grpc_and_rest_answering(region: Path
     assert "Too many open files" not in server.log()
 
 
+def test_grpc_closes_connections_past_its_cap_and_silent_or_idle_ones(region: Path,
+                                                                     serve_process: Any) -> None:
+    server = serve_process(region, args=["--grpc-max-connections", "8", "--handshake-timeout", "1",
+                                         "--grpc-idle-timeout", "1"])
+    silent = [socket.create_connection(("127.0.0.1", server.grpc_port)) for _ in range(20)]
+    preface = socket.create_connection(("127.0.0.1", server.grpc_port))  # HTTP/2 set up, then no call
+    preface.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+    try:
+        wait_for(lambda: all(is_closed(s) for s in [*silent, preface]), 20,
+                 "gRPC to close silent and idle connections")
+    finally:
+        for s in [*silent, preface]:
+            s.close()
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        resp = pb_grpc.LoadServiceStub(ch).GetLoads(pb.GetLoadsRequest(), timeout=10)
+    assert [x.num_running_reqs for x in resp.loads] == [5]
+
+
 # -- TLS ---------------------------------------------------------------------------------------
 
 
