@@ -338,6 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $LOADSVC_API_KEY, else None; an empty or blank key is a usage error (exit 2).
+
+    An empty key would switch authentication off without a word (serve) or send an
+    empty bearer token (clients); one with spaces around it could never match.
+    """
+    where, key = ("--api-key", args.api_key) if args.api_key is not None else \
+        (f"${API_KEY_ENV}", os.environ.get(API_KEY_ENV))
+    if key is None:
+        return None
+    problem = ("is empty" if not key.strip() else
+               "has spaces or line breaks around it" if key != key.strip() else None)
+    if problem is not None:
+        print(f"loadsvc {args.command}: {where} {problem}; give the key itself, or leave "
+              f"{where} unset for no key", file=sys.stderr)
+        raise SystemExit(2)
+    return key
+
+
 def _serve_settings(args: argparse.Namespace) -> ServeSettings:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("loadsvc serve: --tls-cert and --tls-key go together")
@@ -354,7 +373,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         curve=CurveServerSettings(args.curve_secret_key, args.curve_authorized_dir)
         if args.curve_secret_key else None,
         tls=TlsSettings(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=_api_key(args),
         orca_ranks=args.orca_ranks,
         max_frame_bytes=args.max_frame_bytes,
         grpc_workers=args.grpc_workers,
@@ -400,7 +419,7 @@ def _client_settings(args: argparse.Namespace) -> ClientSettings:
         min_interval_ms=getattr(args, "min_interval_ms", 0),
         max_interval_ms=getattr(args, "max_interval_ms", 1000),
         json=getattr(args, "json", False),
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=_api_key(args),
         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
         count=getattr(args, "count", None))
 

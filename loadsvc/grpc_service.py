@@ -102,6 +102,8 @@ class LoadServices:
         self.store = store
         self.health = health
         self.service_names = service_names
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key is empty: it would switch authentication off; pass a key or None")
         self._api_key = api_key.encode() if api_key else None
         self._closed = False
         self._changes = _Wakeup()  # subscribers waiting for a store change or a deadline

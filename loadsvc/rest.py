@@ -392,6 +392,8 @@ class _Loads:
     def __init__(self, store: LoadStore, metrics: _Metrics, api_key: str | None) -> None:
         self.store = store
         self.metrics = metrics
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key is empty: it would switch authentication off; pass a key or None")
         self.expected = api_key.encode() if api_key else None
         self._memo: dict[tuple[bytes, int | None], tuple[Selection, str] | _Invalid] = {}
 

@@ -191,6 +191,8 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
     from loadsvc.rest import create_app
 
     host = settings.host
+    if settings.api_key is not None and not settings.api_key.strip():
+        raise ServeError("the API key is empty: it would switch authentication off; give a key or none")
     if not _is_loopback(host) and settings.tls is None and settings.api_key is None:
         log.warning("listening on %s without TLS or an API key: anyone who can reach this host can "
                     "read the loads; use --tls-cert/--tls-key and/or --api-key", host)
