@@ -38,7 +38,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -110,6 +110,7 @@ class LoadServices:
         self._timers = _Wakeup()  # subscribers holding back for min_interval (only close wakes)
         self._pump_task: asyncio.Task[None] | None = None
         self._streams = 0
+        self.gone_subscribers = 0  # WatchLoads streams whose client went away during a write
         self._streams_done: asyncio.Event | None = None
         self._selections: dict[tuple[Any, ...], Selection] = {}
         self._health_tasks: set[asyncio.Task[None]] = set()
@@ -234,7 +235,7 @@ class LoadServices:
                 seen = self.store.change_version
                 self._changes.wake()
 
-    async def watch_loads(self, data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def watch_loads(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
         await self._authorize(context)
         request = await self._parse(data, pb.WatchLoadsRequest, context)
         try:
@@ -253,7 +254,8 @@ class LoadServices:
             view = self.store.view()
             sent_sig = view.signature(sel)
             sent_at = clock()
-            yield view.encoded(key, encode)
+            if not await self._write(context, view.encoded(key, encode)):
+                return
             while not self._closed:
                 view = self.store.view()
                 sig = view.signature(sel)
@@ -267,12 +269,29 @@ class LoadServices:
                     await self._changes.wait(sent_at + max_s - now)
                     continue
                 sent_sig, sent_at = sig, now
-                yield view.encoded(key, encode)
+                if not await self._write(context, view.encoded(key, encode)):
+                    return
             await context.abort(grpc.StatusCode.UNAVAILABLE, "loadsvc is shutting down; reconnect")
         finally:
             self._streams -= 1
             if self._streams == 0 and self._streams_done is not None:
                 self._streams_done.set()
+
+    async def _write(self, context: grpc.aio.ServicerContext, message: bytes) -> bool:
+        """Write one WatchLoads message; False when the subscriber went away (counted, DEBUG).
+
+        A write the call ends under (the client cancelled, or its connection died
+        while the write waited for flow control) fails with grpc's internal error
+        type; written from a generator, grpc would log each at ERROR with a traceback.
+        """
+        try:
+            await context.write(message)
+        except Exception as e:  # noqa: BLE001 - the write of bytes failed: the call is over, counted
+            self.gone_subscribers += 1
+            log.debug("WatchLoads subscriber %s went away during a write (%s: %s)", context.peer(),
+                      type(e).__name__, e)
+            return False
+        return True
 
     # -- shutdown ----------------------------------------------------------------------
 
