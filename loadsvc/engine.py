@@ -439,6 +439,8 @@ class Engine:
         if dp_rank is not None and (not isinstance(dp_rank, int) or isinstance(dp_rank, bool)):
             raise EngineError(f"data_parallel_rank: expected an integer, got {dp_rank!r}")
         if prompt_ids is not None:
+            if not isinstance(prompt_ids, list) or not all(type(t) is int for t in prompt_ids):
+                raise EngineError("input_ids: expected a list of integer token ids")
             n, key = max(1, len(prompt_ids)), hash(tuple(prompt_ids))
         else:
             text = prompt_text or ""
@@ -516,7 +518,9 @@ def _chat_prompt(messages: Any) -> str:
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # OpenAI content parts
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            content = " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        elif content is not None and not isinstance(content, str):
+            raise EngineError("messages: content must be a string or a list of {type, text} parts")
         parts.append(f"{m.get('role', 'user') if isinstance(m, dict) else 'user'}: {content or ''}")
     return "\n".join(parts)
 
