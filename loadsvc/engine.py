@@ -518,7 +518,8 @@ def _chat_prompt(messages: Any) -> str:
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # OpenAI content parts
-            content = " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+            content = " ".join(p["text"] for p in content
+                               if isinstance(p, dict) and isinstance(p.get("text"), str))
         elif content is not None and not isinstance(content, str):
             raise EngineError("messages: content must be a string or a list of {type, text} parts")
         parts.append(f"{m.get('role', 'user') if isinstance(m, dict) else 'user'}: {content or ''}")

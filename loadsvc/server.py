@@ -153,7 +153,8 @@ def _rest_guard(settings: ServeSettings) -> ConnectionGuard:
     ctx = None
     if tls is not None:
         try:
-            ctx = server_ssl_context(str(tls.cert), str(tls.key), str(tls.client_ca) if tls.client_ca else None)
+            ctx = server_ssl_context(str(tls.cert), str(tls.key),
+                                     str(tls.client_ca) if tls.client_ca else None)
         except (OSError, ssl.SSLError) as e:
             raise ServeError(f"cannot use the TLS files for REST ({tls.cert}, {tls.key}"
                              f"{', ' + str(tls.client_ca) if tls.client_ca else ''}): {e}") from e
@@ -444,9 +445,10 @@ def _fd_budget(settings: ServeSettings) -> None:
         except (ValueError, OSError):
             pass
     if soft < need:
-        log.warning("the open-file limit (%d) is below what the connection caps need (%d: --http-max-connections "
-                    "%d + --grpc-max-connections %d + %d): a flood of connections could exhaust it; raise "
-                    "`ulimit -n` or lower the caps", soft, need, http, grpc_cap, FD_RESERVE)
+        log.warning("the open-file limit (%d) is below what the connection caps need (%d: "
+                    "--http-max-connections %d + --grpc-max-connections %d + %d): a flood of connections "
+                    "could exhaust it; raise `ulimit -n` or lower the caps", soft, need, http, grpc_cap,
+                    FD_RESERVE)
 
 
 def run_serve(settings: ServeSettings) -> int:

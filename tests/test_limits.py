@@ -208,6 +208,31 @@ def test_grpc_closes_connections_past_its_cap_and_silent_or_idle_ones(region: Pa
     assert [x.num_running_reqs for x in resp.loads] == [5]
 
 
+@pytest.mark.parametrize(("limit", "raised"), [((512, 4096), 896), ((512, 512), 512)])
+def test_serve_fits_its_open_file_limit_to_the_caps(shm_path: Path, limit: tuple[int, int],
+                                                    raised: int) -> None:
+    """256 REST + 512 gRPC connections + 128 need 896 descriptors: raised when the hard limit allows."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    proc = subprocess.Popen([sys.executable, "-m", "loadsvc", "serve", "--shm", str(shm_path),
+                             "--dp-size", "1", "--grpc-port", str(free_port()), "--http-port", str(free_port())],
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: proc.poll() is not None or shm_path.exists(), 20, "serve to start")
+        wait_for(lambda: proc.poll() is not None or resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)[0]
+                 == raised, 10, f"the soft limit to be {raised}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=15)[0]
+    assert proc.returncode == 0, out
+    assert ("open-file limit (512) is below what the connection caps need (896" in out) == (raised < 896), out
+
+
 # -- TLS ---------------------------------------------------------------------------------------
 
 
