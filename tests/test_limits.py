@@ -14,8 +14,11 @@ and every wait in time.
 from __future__ import annotations
 
 import resource
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +29,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ServeProcess, wait_for
+from conftest import ServeProcess, free_port, wait_for
 from loadsvc import LoadSnapshot, ShmPublisher
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
@@ -212,14 +215,9 @@ def test_grpc_closes_connections_past_its_cap_and_silent_or_idle_ones(region: Pa
 def test_serve_fits_its_open_file_limit_to_the_caps(shm_path: Path, limit: tuple[int, int],
                                                     raised: int) -> None:
     """256 REST + 512 gRPC connections + 128 need 896 descriptors: raised when the hard limit allows."""
-    import signal
-    import subprocess
-    import sys
-
-    from conftest import free_port
-
-    proc = subprocess.Popen([sys.executable, "-m", "loadsvc", "serve", "--shm", str(shm_path),
-                             "--dp-size", "1", "--grpc-port", str(free_port()), "--http-port", str(free_port())],
+    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port())]
+    proc = subprocess.Popen([sys.executable, "-m", "loadsvc", "serve", "--shm", str(shm_path), "--dp-size", "1",
+                             *ports],
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
