@@ -137,6 +137,20 @@ def _parse_query(query_string: bytes, dp_size: int | None) -> tuple[Selection, s
     return sel, fmt
 
 
+def _too_long(query: bytes) -> _Invalid:
+    """The error for a query string past MAX_QUERY_BYTES, naming its longest parameter if known.
+
+    Only split on "&", never decoded or parsed (the request line's own limit bounds
+    the scan): a 5,000-digit dp_rank is named as dp_rank, padding as the query.
+    """
+    name, _, value = max(query.split(b"&"), key=len).partition(b"=")
+    field_name = name.decode("latin-1") if name in (b"dp_rank", b"include", b"format") else "query"
+    return _Invalid(field_name, "too_long",
+                    f"query string of {len(query)} bytes, longer than {MAX_QUERY_BYTES}"
+                    + (f" ({field_name} alone is {len(value)} bytes)" if field_name != "query" else "")
+                    + "; a valid one needs well under 200")
+
+
 def _shown(value: str, limit: int = 40) -> str:
     """value for an error message: repr, cut to about limit characters."""
     return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
@@ -440,9 +454,7 @@ class _Loads:
         parsed = self._memo.get(key)
         if parsed is None:
             if len(key[0]) > MAX_QUERY_BYTES:  # never parsed, never memoized
-                parsed = _Invalid("query", "too_long",
-                                  f"query string of {len(key[0])} bytes, longer than {MAX_QUERY_BYTES}; "
-                                  "a valid one needs well under 200")
+                parsed = _too_long(key[0])
             else:
                 try:
                     parsed = _parse_query(key[0], key[1])
