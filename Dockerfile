@@ -12,12 +12,12 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proto ./proto
 COPY loadsvc ./loadsvc
-# gcc for loadsvc._shmfast (the C read loop of the shared-memory reader), removed
+# gcc for loadsvc.core._shmfast (the C read loop of the shared-memory reader), removed
 # again after the install; /keys: a fresh named volume mounted there takes this
 # owner and mode
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install '.[gateway]' \
-    && (cd / && python -c "import loadsvc._shmfast") \
+    && (cd / && python -c "import loadsvc.core._shmfast") \
     && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /app loadsvc \
     && mkdir -p /keys && chown loadsvc:loadsvc /keys && chmod 0700 /keys

@@ -3,13 +3,19 @@
     from loadsvc import LoadSnapshot, ShmPublisher, ShmReader          # engines publish
     from loadsvc import open_store, loads_router, add_to_grpc_server   # engines serve loads
     from loadsvc import ZmqPublisher                                   # engines on other nodes
+    from loadsvc import LoadsvcError                                   # every error loadsvc raises
 
-See README.md for the whole picture; proto/loadsvc/v1/loads.proto is the schema.
+    publisher --> region (core.region) --> store (core.store) --> surfaces (gRPC, ORCA, REST)
+
+README.md is the front door, docs/ the rest; proto/loadsvc/v1/loads.proto is the schema.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from typing import TYPE_CHECKING, Any
 
-from loadsvc.schema import (
+from loadsvc._exceptions import BadRequest, LoadsvcError, RegionError, ServeError, SettingsError
+from loadsvc._version import __version__
+from loadsvc.core.region import ShmPublisher, ShmReader, default_path, freshness
+from loadsvc.core.schema import (
     AggregateMetrics,
     DisaggregationMetrics,
     LoadSnapshot,
@@ -19,41 +25,46 @@ from loadsvc.schema import (
     SpeculativeMetrics,
     Status,
 )
-from loadsvc.shm import RegionError, ShmPublisher, ShmReader, default_path, freshness
 
-try:
-    __version__ = _version("loadsvc")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+if TYPE_CHECKING:
+    from loadsvc.embed import add_to_grpc_server, loads_router, open_store
+    from loadsvc.relay import Collector, ZmqPublisher
+    from loadsvc.surfaces.orca import add_orca_service
 
-# The embedding API (loadsvc/embed.py) is imported on first use: publishing
-# engines that only need ShmPublisher do not pay for importing grpc and FastAPI.
-_EMBED = ("add_orca_service", "add_to_grpc_server", "loads_router", "open_store")
-# The ZMQ relay (loadsvc/relay.py) likewise: pyzmq only for engines on other nodes.
-_RELAY = ("Collector", "ZmqPublisher")
+# Imported on first use, so that an engine that only publishes does not pay for
+# grpc and FastAPI (the embedding API) or pyzmq (the relay).
+_LAZY = {
+    "add_orca_service": "loadsvc.surfaces.orca",
+    "add_to_grpc_server": "loadsvc.embed",
+    "loads_router": "loadsvc.embed",
+    "open_store": "loadsvc.embed",
+    "Collector": "loadsvc.relay",
+    "ZmqPublisher": "loadsvc.relay",
+}
 
 
-def __getattr__(name: str) -> object:
-    if name in _EMBED:
-        from loadsvc import embed, orca
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loadsvc' has no attribute {name!r}")
+    import importlib
 
-        return getattr(orca if name == "add_orca_service" else embed, name)
-    if name in _RELAY:
-        from loadsvc import relay
-
-        return getattr(relay, name)
-    raise AttributeError(f"module 'loadsvc' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [
     "AggregateMetrics",
+    "BadRequest",
     "Collector",
     "DisaggregationMetrics",
     "LoRAMetrics",
     "LoadSnapshot",
+    "LoadsvcError",
     "MemoryMetrics",
     "QueueMetrics",
     "RegionError",
+    "ServeError",
+    "SettingsError",
     "ShmPublisher",
     "ShmReader",
     "SpeculativeMetrics",

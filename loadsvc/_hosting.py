@@ -4,12 +4,12 @@
       sock = bind_tcp(host, port, "the engine's HTTP")   # a port in use is a clear error, here
       await serve_until_signal(app, sock, host, port,    # uvicorn without signal handlers of
                                what="the engine's HTTP",  # its own, until SIGTERM / SIGINT,
-                               limits=HttpLimits(...),    # under loadsvc/_limits.py
+                               limits=HttpLimits(...),    # under loadsvc/surfaces/limits.py
                                signals={SIGUSR1: f})
 
 Used by `loadsvc engine` and the reference router, which run uvicorn next to
 their own tasks (schedulers, a gRPC server, WatchLoads subscriptions). Both run
-under loadsvc/_limits.py's connection, header and body limits (HttpLimits), as
+under loadsvc/surfaces/limits.py's connection, header and body limits (HttpLimits), as
 `loadsvc serve`'s REST does.
 """
 
@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
-from loadsvc._limits import BodyLimit, ConnectionGuard, uvicorn_config
+from loadsvc.surfaces.limits import BodyLimit, ConnectionGuard, uvicorn_config
 from loadsvc.settings import HttpLimits
 
 __all__ = ["bind_tcp", "quiet_uvicorn", "serve_until_signal", "run"]

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadsvc import __version__
+from loadsvc._version import __version__
 from loadsvc.settings import (
     ClientSettings,
     CurveClientSettings,
@@ -34,7 +34,7 @@ from loadsvc.settings import (
     StoreSettings,
     TlsSettings,
 )
-from loadsvc.shm import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
+from loadsvc.core.region import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
 
 API_KEY_ENV = "LOADSVC_API_KEY"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -162,7 +162,7 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_http_limit_args(p: argparse.ArgumentParser, *, body: bool) -> None:
-    """The HTTP server's limits (loadsvc/_limits.py); body: also --http-max-body-bytes."""
+    """The HTTP server's limits (loadsvc/surfaces/limits.py); body: also --http-max-body-bytes."""
     d = HttpLimits()
     p.add_argument("--http-max-header-bytes", type=_positive_int, default=d.max_header_bytes, metavar="N",
                    help="request line and headers larger than this: 431, connection closed "
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_serve(_serve_settings(args))
     if cmd == "simulate":
-        from loadsvc.simulate import run_simulate
+        from loadsvc.tools.simulate import run_simulate
 
         try:
             simulate_settings = _simulate_settings(args)
@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return run_simulate(simulate_settings)
     if cmd == "demo":
-        from loadsvc.demo import run_demo
+        from loadsvc.tools.demo import run_demo
 
         return run_demo(DemoSettings(grpc_port=args.grpc_port, http_port=args.http_port,
                                      router_port=args.router_port, dp_size=args.dp_size,
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {public}\nwrote {secret}")
         return 0
     if cmd == "engine":
-        from loadsvc.engine import run_engine
+        from loadsvc.tools.engine import run_engine
 
         speeds = args.speeds or (1.0,) * args.dp_size
         if len(speeds) != args.dp_size:
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             stale_after=args.stale_after, step_ms=args.step_ms, batch_knee=args.batch_knee,
             prefill_tokens_per_step=args.prefill_tokens_per_step, http_limits=_http_limits(args)))
     if cmd == "router":
-        from loadsvc.router import parse_worker, run_router
+        from loadsvc.tools.router import parse_worker, run_router
 
         try:
             workers = tuple(parse_worker(w) for w in args.worker)

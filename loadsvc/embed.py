@@ -26,15 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loadsvc.orca import MIN_REPORT_INTERVAL, ORCA_SERVICE, OrcaService, add_orca_service
+from loadsvc.surfaces.orca import MIN_REPORT_INTERVAL, ORCA_SERVICE, OrcaService, add_orca_service
 from loadsvc.settings import StoreSettings
-from loadsvc.shm import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
-from loadsvc.store import LoadStore
+from loadsvc.core.region import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
+from loadsvc.core.store import LoadStore
 
 if TYPE_CHECKING:
     import grpc
 
-    from loadsvc.grpc_service import LoadServices
+    from loadsvc.surfaces.grpc import LoadServices
 
 __all__ = ["open_store", "loads_router", "add_to_grpc_server", "GrpcSurfaces"]
 
@@ -70,7 +70,7 @@ def loads_router(store: LoadStore, *, api_key: str | None = None, health: bool =
     prometheus_client CollectorRegistry /metrics exposes). api_key: when set,
     ``/v1/loads`` and ``/metrics`` need ``Authorization: Bearer <api_key>``.
     """
-    from loadsvc.rest import create_router
+    from loadsvc.surfaces.rest import create_router
 
     return create_router(store, api_key=api_key, registry=registry, health=health, metrics=metrics)
 
@@ -99,9 +99,9 @@ def add_to_grpc_server(server: grpc.aio.Server, store: LoadStore, *, sglang: boo
     Adds ``loadsvc.v1.LoadService``, the SGLang-compatible ``GetLoads`` (sglang=False
     for an engine that already serves ``SglangScheduler``), ORCA
     ``OpenRcaService`` (reporting for orca_ranks, default every rank), health and
-    reflection. api_key guards every method but health and ORCA (see loadsvc.orca).
+    reflection. api_key guards every method but health and ORCA (see loadsvc.surfaces.orca).
     """
-    from loadsvc.grpc_service import add_load_services
+    from loadsvc.surfaces.grpc import add_load_services
 
     load = add_load_services(server, store, sglang=sglang, health=health, reflection=reflection,
                              api_key=api_key, extra_services=(ORCA_SERVICE,) if orca else ())

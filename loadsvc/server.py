@@ -40,13 +40,14 @@ from typing import Any
 
 import grpc
 
+from loadsvc._exceptions import ServeError
 from loadsvc._hosting import bind_tcp
 from loadsvc._hosting import run as run_loop
-from loadsvc._limits import ConnectionGuard, grpc_options, server_ssl_context, uvicorn_config
-from loadsvc.grpc_service import LoadServices, add_load_services
-from loadsvc.orca import ORCA_SERVICE, OrcaService, add_orca_service
+from loadsvc.surfaces.limits import ConnectionGuard, grpc_options, server_ssl_context, uvicorn_config
+from loadsvc.surfaces.grpc import LoadServices, add_load_services
+from loadsvc.surfaces.orca import ORCA_SERVICE, OrcaService, add_orca_service
 from loadsvc.settings import ServeSettings
-from loadsvc.store import LoadStore
+from loadsvc.core.store import LoadStore
 
 __all__ = ["serve", "run_serve", "ServeError", "GRPC_OPTIONS", "MAX_REQUEST_BYTES"]
 
@@ -70,10 +71,6 @@ GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
 )
-
-
-class ServeError(RuntimeError):
-    """The server could not start (a port in use, a bad certificate, ...); the message says why."""
 
 
 def _is_loopback(host: str) -> bool:
@@ -218,7 +215,7 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
     """
     from prometheus_client import CollectorRegistry
 
-    from loadsvc.rest import create_app
+    from loadsvc.surfaces.rest import create_app
 
     host = settings.host
     if settings.api_key is not None and not settings.api_key.strip():
@@ -258,7 +255,8 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
             loop = asyncio.get_running_loop()
             # the collector thread wakes the store after writing, so a relayed
             # rank reaches the streams without waiting for the next poll
-            collector = Collector(settings, registry=registry,
+            assert settings.collector is not None
+            collector = Collector(settings.collector, registry=registry,
                                   on_write=lambda: loop.call_soon_threadsafe(store.poll))
             await collector.start()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadsvc.shm import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER
+from loadsvc.core.region import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class CurveClientSettings:
 class HttpLimits:
     """What one HTTP client may hold of a server (REST of serve, the engine, the router).
 
-    Enforced by loadsvc/_limits.py on uvicorn's httptools protocol and as ASGI middleware.
+    Enforced by loadsvc/surfaces/limits.py on uvicorn's httptools protocol and as ASGI middleware.
     """
 
     max_header_bytes: int = 32 * 1024  # request line + headers; more: 431 and the connection closed
@@ -69,6 +69,19 @@ class GrpcLimits:
 
 
 @dataclass(frozen=True)
+class CollectorSettings:
+    """The relay collector's own settings (loadsvc.relay.collector)."""
+
+    endpoint: str  # ZMQ endpoint to bind, e.g. tcp://0.0.0.0:5557
+    shm: Path  # the region it writes remote ranks into
+    dp_size: int | None = None  # create the region with this many ranks if missing
+    stale_after: float = DEFAULT_STALE_AFTER  # silence after which a replaced epoch may return
+    region_mode: int = 0o600
+    max_frame_bytes: int = 64 * 1024
+    curve: CurveServerSettings | None = None
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     store: StoreSettings
     host: str = "127.0.0.1"
@@ -82,10 +95,19 @@ class ServeSettings:
     max_frame_bytes: int = 64 * 1024
     grpc_workers: int = 1  # gRPC server processes sharing grpc_port (SO_REUSEPORT) when > 1
     # WatchLoads streams, and ORCA streams, open at once per gRPC process (each kind);
-    # the same default as loadsvc.grpc_service.DEFAULT_MAX_STREAMS.
+    # the same default as loadsvc.surfaces.grpc.DEFAULT_MAX_STREAMS.
     max_streams: int = 4096
     http_limits: HttpLimits = HttpLimits()
     grpc_limits: GrpcLimits = GrpcLimits()
+
+    @property
+    def collector(self) -> CollectorSettings | None:
+        """The collector's settings, when serve collects (--collect)."""
+        if self.collect is None:
+            return None
+        return CollectorSettings(endpoint=self.collect, shm=self.store.shm, dp_size=self.store.dp_size,
+                                 stale_after=self.store.stale_after, region_mode=self.store.region_mode,
+                                 max_frame_bytes=self.max_frame_bytes, curve=self.curve)
 
 
 @dataclass(frozen=True)
@@ -143,7 +165,7 @@ class EngineSettings:
     model: str = "loadsvc-toy"
     stale_after: float = DEFAULT_STALE_AFTER
     extra: dict[str, str] = field(default_factory=dict)
-    # The toy timing model (loadsvc/engine.py): one decode step per running
+    # The toy timing model (loadsvc/tools/engine.py): one decode step per running
     # request every step_ms * (1 + batch / batch_knee) / speed milliseconds;
     # prefill_tokens_per_step prompt tokens cost one step.
     step_ms: float = 10.0
@@ -162,7 +184,7 @@ class RouterWorker:
 
 @dataclass(frozen=True)
 class RouterSettings:
-    """The reference router (loadsvc/router.py)."""
+    """The reference router (loadsvc/tools/router.py)."""
 
     workers: tuple[RouterWorker, ...]
     policy: str = "p2c"  # "p2c" (power of two choices on WatchLoads) or "round_robin"

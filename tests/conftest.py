@@ -5,7 +5,7 @@
     start_serve(shm, ...)              `python -m loadsvc serve` on free ports, returned once both
                                        ports accept connections (ServeProcess)
     serve_process (fixture)            a factory around start_serve that stops what it started
-    fleet (fixture)                    a loadsvc.fleet.Fleet (toy engines, routers, smg), stopped after
+    fleet (fixture)                    a loadsvc.tools.fleet.Fleet (toy engines, routers, smg), stopped after
     wait_for(predicate, timeout, what) poll until predicate() is truthy; return its value
     forge_publish(shm, rank, n, payload) write payload as publish n of rank with a valid checksum,
                                        as a foreign writer bypassing ShmPublisher would
@@ -32,7 +32,7 @@ import pytest
 from loadsvc import default_path
 
 # Every Python the tests start (`python -m loadsvc ...`, `python -c ...`) imports the installed
-# loadsvc, never a `loadsvc/` folder of the current directory (as loadsvc/_spawn.py does for the
+# loadsvc, never a `loadsvc/` folder of the current directory (as loadsvc/tools/procs.py does for the
 # processes loadsvc itself starts).
 os.environ.setdefault("PYTHONSAFEPATH", "1")
 
@@ -174,8 +174,8 @@ def serve_process() -> Iterator[Callable[..., ServeProcess]]:
 
 @pytest.fixture
 def fleet() -> Iterator[Any]:
-    """A loadsvc.fleet.Fleet: every engine, router and gateway it started is stopped afterwards."""
-    from loadsvc.fleet import Fleet
+    """A loadsvc.tools.fleet.Fleet: every engine, router and gateway it started is stopped afterwards."""
+    from loadsvc.tools.fleet import Fleet
 
     with Fleet() as f:
         yield f
@@ -197,12 +197,12 @@ def forge_publish(shm: Path, rank: int, n: int, payload: bytes) -> None:
     """Write payload as publish n of rank, valid checksum and all, then point rank's seq at it.
 
     What a foreign or buggy writer could do: everything ShmPublisher.publish does except
-    its checks. The layout is the one in loadsvc/shm.py's docstring.
+    its checks. The layout is the one in loadsvc/core/region.py's docstring.
     """
     import struct
     import zlib
 
-    from loadsvc import shm as shm_mod
+    from loadsvc.core import region as shm_mod
 
     with open(shm, "r+b") as f:
         header = f.read(shm_mod.HEADER_SIZE)

@@ -27,14 +27,14 @@ def test_bench_shm_prints_the_table() -> None:
     assert proc.returncode == 0, err
     assert "8 ranks, 3 reader processes" in out
     assert re.search(r"machine: cpu .+; nproc \d+; python 3\.\d+", out), out
-    assert "read_all's changed-rank loop: C (loadsvc._shmfast)" in out, out
+    assert "read_all's changed-rank loop: C (loadsvc.core._shmfast)" in out, out
     for header in ("metric", "loadsvc", "baseline", "ratio", "target", "met?"):
         assert header in out, header
     rows = {
         "publish, uncontended (µs)": ">= 1.5x",
         "read_all, nothing changed (µs)": ">= 5x",
         "read_all, every rank changed (µs)": ">= 1x",
-        "read_all, every rank changed, Python loop (µs)": None,  # the same without loadsvc._shmfast
+        "read_all, every rank changed, Python loop (µs)": None,  # the same without loadsvc.core._shmfast
         "publish p50, 3 readers (µs)": None,
         "publish p99, 3 readers (µs)": ">= 100x",
         "publish max, 3 readers (µs)": None,

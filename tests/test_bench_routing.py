@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from loadsvc.bench.routing import make_trace
-from loadsvc.fleet import smg_available
+from loadsvc.tools.fleet import smg_available
 
 
 def test_trace_is_fixed_by_its_seed_and_open_loop_at_its_rate() -> None:

@@ -57,7 +57,7 @@ def test_services_build_the_repo_image(compose):
     assert text.startswith("#") and "FROM python:3.11" in text
     assert "pip install '.[gateway]'" in text, \
         "the image installs the project (with the smg gateway) with pip from the repo"
-    assert "apt-get install -y --no-install-recommends gcc" in text, "a compiler for loadsvc._shmfast"
+    assert "apt-get install -y --no-install-recommends gcc" in text, "a compiler for loadsvc.core._shmfast"
     assert "COPY examples ./examples" in text and "WORKDIR /app" in text
     assert (ROOT / ".dockerignore").exists()
 

@@ -1,4 +1,4 @@
-"""loadsvc/demo.py: `loadsvc demo` as a real process with its real children, on free loopback ports."""
+"""loadsvc/tools/demo.py: `loadsvc demo` as a real process with its real children, on free loopback ports."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import pytest
 from conftest import free_port, port_is_free
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc
-from loadsvc import demo as demo_module
-from loadsvc.demo import run_demo
+from loadsvc.tools import demo as demo_module
+from loadsvc.tools.demo import run_demo
 from loadsvc.settings import DemoSettings
 
 READY = "Ctrl-C stops the demo."
@@ -197,7 +197,7 @@ def test_busy_port_names_the_port_and_the_flag(which, flag):
 def test_engine_mode_not_available_without_the_engine(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "loadsvc.engine" else real(name, *a))
+                        lambda name, *a: None if name == "loadsvc.tools.engine" else real(name, *a))
     assert run_demo(DemoSettings(engine=True, grpc_port=free_port(), http_port=free_port())) == 2
     err = capsys.readouterr().err
     assert "--engine" in err and "not available yet" in err

@@ -1,4 +1,4 @@
-"""loadsvc/engine.py: the toy engine as a real process on loopback ports.
+"""loadsvc/tools/engine.py: the toy engine as a real process on loopback ports.
 
 Timing bounds are loose on purpose (a busy 2-core machine); what they check is
 proportion: twice the tokens or half the speed takes about twice as long.
@@ -20,9 +20,9 @@ import pytest
 
 from loadsvc import ShmReader
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
-from loadsvc.engine import prompt_tokens
+from loadsvc.tools.engine import prompt_tokens
 from conftest import wait_for
-from loadsvc.fleet import EngineProc, Fleet
+from loadsvc.tools.fleet import EngineProc, Fleet
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -277,7 +277,7 @@ def test_sigterm_stops_cleanly_and_removes_its_region(fleet: Fleet) -> None:
 def test_second_engine_on_a_busy_port_says_so(fleet: Fleet) -> None:
     first = fleet.engine()
     port = first.url.rsplit(":", 1)[1]
-    from loadsvc.fleet import FleetError
+    from loadsvc.tools.fleet import FleetError
 
     with pytest.raises(FleetError, match="cannot listen for the engine's gRPC"):
         fleet.engine(args=["--grpc-port", str(first.grpc_port)], timeout=20)

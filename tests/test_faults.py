@@ -43,7 +43,7 @@ from conftest import ServeProcess
 from loadsvc import LoadSnapshot, ShmPublisher, ShmReader
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
-from loadsvc.shm import RegionError
+from loadsvc.core.region import RegionError
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -574,7 +574,7 @@ def test_a_foreign_writers_bad_values_are_never_served(shm_path: Path, serve_pro
     from xds.data.orca.v3.orca_load_report_pb2 import OrcaLoadReport
     from xds.service.orca.v3.orca_pb2 import OrcaLoadReportRequest
 
-    from loadsvc.orca import ORCA_SERVICE
+    from loadsvc.surfaces.orca import ORCA_SERVICE
 
     big = 2**31 - 1
     pubs = [ShmPublisher(shm_path, dp_size=3, dp_rank=r) for r in range(3)]

@@ -31,11 +31,11 @@ from hypothesis import strategies as st
 
 from conftest import ServeProcess, start_serve
 from loadsvc import LoadSnapshot, MemoryMetrics, QueueMetrics, ShmPublisher, ShmReader, default_path
-from loadsvc import shm as shm_mod
+from loadsvc.core import region as shm_mod
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.relay import FRAME_HEADER, REJECT_REASONS, Collector, encode_frame
 from loadsvc.settings import ServeSettings, StoreSettings
-from loadsvc.shm import RegionError
+from loadsvc.core.region import RegionError
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -351,8 +351,8 @@ SCHEMA_DP_SIZE = 4
 @pytest.fixture(scope="module")
 def rest_schema() -> Iterator[Any]:
     """The standalone app (rest.create_app) over a region with 3 of 4 ranks published, as ASGI."""
-    from loadsvc.rest import create_app
-    from loadsvc.store import LoadStore
+    from loadsvc.surfaces.rest import create_app
+    from loadsvc.core.store import LoadStore
 
     path = _region_path()
     pubs = [ShmPublisher(path, dp_size=SCHEMA_DP_SIZE, dp_rank=r) for r in range(3)]

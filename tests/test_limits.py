@@ -1,4 +1,4 @@
-"""loadsvc/_limits.py through real servers: what one client may hold of serve's REST, the engine, the router.
+"""loadsvc/surfaces/limits.py through real servers: what one client may hold of serve's REST, the engine, the router.
 
     endless header lines / one endless header   431 or closed; serve's RSS stays bounded
     idle, slowloris, CRLF after a response      closed after --http-header-timeout

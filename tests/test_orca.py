@@ -1,4 +1,4 @@
-"""ORCA (loadsvc/orca.py) and the gRPC embedding (loadsvc/embed.py), over real regions and sockets.
+"""ORCA (loadsvc/surfaces/orca.py) and the gRPC embedding (loadsvc/embed.py), over real regions and sockets.
 
     ShmPublisher(s) --> region --> LoadStore --> grpc.aio server(s): add_orca_service / add_to_grpc_server
                                                       ^
@@ -25,7 +25,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from loadsvc import LoadSnapshot, ShmPublisher
 from loadsvc.embed import add_to_grpc_server, open_store
-from loadsvc.orca import (
+from loadsvc.surfaces.orca import (
     DEFAULT_REPORT_INTERVAL,
     ORCA_SERVICE,
     RPS_FLOOR,
@@ -37,7 +37,7 @@ from loadsvc.orca import (
     add_orca_service,
     rank_utilization,
 )
-from loadsvc.store import LoadStore
+from loadsvc.core.store import LoadStore
 
 JS_DIR = Path(__file__).parent / "js"
 ORCA_METHOD = f"/{ORCA_SERVICE}/StreamCoreMetrics"

@@ -1,4 +1,4 @@
-"""loadsvc/relay.py on loopback: ZmqPublisher -> Collector -> region, bad frames, CURVE, keys.
+"""The relay (loadsvc/relay/) on loopback: ZmqPublisher -> Collector -> region, bad frames, CURVE, keys.
 
 Real ZMQ sockets on 127.0.0.1 (the collector binds an ephemeral port unless a
 test needs to know the port before it binds), a real region per test, read back
@@ -26,12 +26,13 @@ from prometheus_client import CollectorRegistry
 
 import conftest
 from conftest import free_port
-from loadsvc import relay
+from loadsvc.relay import collector as relay_collector
+from loadsvc.relay import publisher as relay_publisher
 from loadsvc.relay import FRAME_HEADER, Collector, ZmqPublisher, encode_frame, generate_keys
-from loadsvc.schema import (SCHEMA_FINGERPRINT, DisaggregationMetrics, LoadSnapshot, MemoryMetrics,
+from loadsvc.core.schema import (SCHEMA_FINGERPRINT, DisaggregationMetrics, LoadSnapshot, MemoryMetrics,
                             QueueMetrics, Status)
-from loadsvc.settings import CurveClientSettings, CurveServerSettings, ServeSettings, StoreSettings
-from loadsvc.shm import ShmPublisher, ShmReader, create_region
+from loadsvc.settings import CollectorSettings, CurveClientSettings, CurveServerSettings
+from loadsvc.core.region import ShmPublisher, ShmReader, create_region
 
 DP = 4
 
@@ -46,9 +47,9 @@ def snap(rank: int, running: int = 1, **kw: object) -> object:
 
 def settings_for(shm: Path, endpoint: str = "tcp://127.0.0.1:*", *, dp_size: int | None = DP,
                  curve: CurveServerSettings | None = None, max_frame_bytes: int = 4096,
-                 stale_after: float = 3.0) -> ServeSettings:
-    return ServeSettings(store=StoreSettings(shm=shm, dp_size=dp_size, stale_after=stale_after),
-                         collect=endpoint, curve=curve, max_frame_bytes=max_frame_bytes)
+                 stale_after: float = 3.0) -> CollectorSettings:
+    return CollectorSettings(endpoint=endpoint, shm=shm, dp_size=dp_size, stale_after=stale_after,
+                             curve=curve, max_frame_bytes=max_frame_bytes)
 
 
 @pytest.fixture
@@ -414,7 +415,7 @@ def test_no_region_until_one_exists(collector, shm_path):
 
 
 def test_rank_owned_by_a_local_publisher_is_not_taken(collector, shm_path, monkeypatch):
-    monkeypatch.setattr(relay, "CLAIM_RETRY", 0.1)
+    monkeypatch.setattr(relay_collector, "CLAIM_RETRY", 0.1)
     c = collector()
     local = ShmPublisher(shm_path, dp_size=DP, dp_rank=3)
     local.publish(snap(3, running=77))
@@ -494,8 +495,8 @@ def test_curve_admits_authorized_keys_only(collector, shm_path, keys):
 
 
 def test_curve_picks_up_newly_authorized_keys(collector, shm_path, keys, monkeypatch):
-    monkeypatch.setattr(relay, "AUTH_RELOAD", 0.1)
-    monkeypatch.setattr(relay, "HANDSHAKE_RETRY", 0.2)
+    monkeypatch.setattr(relay_collector, "AUTH_RELOAD", 0.1)
+    monkeypatch.setattr(relay_publisher, "HANDSHAKE_RETRY", 0.2)
     c = collector(curve=CurveServerSettings(keys["server_sec"], keys["authorized"]))
     late_pub, late_sec = generate_keys(keys["tmp"] / "late", "late")
     with ZmqPublisher(c.bound_endpoint, dp_size=DP, dp_rank=2,
@@ -584,7 +585,7 @@ def test_a_flood_queues_a_bounded_number_of_frames_per_connection(collector, shm
     assert flood.returncode == 0, flood.stderr
     # 8 x RCVHWM (16) frames of 100 kB, and ZMQ's read buffers: ~16 MB measured
     assert grown < 48 * 1024, f"the collector's process grew by {grown} KiB ({flood.stdout.strip()} sent)"
-    wait_for(lambda: c.rejected["oversized"] >= 8 * relay.RCVHWM, 10, "the queued frames counted")
+    wait_for(lambda: c.rejected["oversized"] >= 8 * relay_collector.RCVHWM, 10, "the queued frames counted")
     pub = ZmqPublisher(c.bound_endpoint, dp_size=DP, dp_rank=2)
     try:
         pub.publish(snap(2, running=9))
@@ -594,7 +595,7 @@ def test_a_flood_queues_a_bounded_number_of_frames_per_connection(collector, shm
 
 
 def test_a_connection_without_a_handshake_is_dropped(collector, monkeypatch):
-    monkeypatch.setattr(relay, "HANDSHAKE_IVL_MS", 300)  # read when the collector opens its socket
+    monkeypatch.setattr(relay_collector, "HANDSHAKE_IVL_MS", 300)  # read when the collector opens its socket
     c = collector()
     host, port = c.bound_endpoint.removeprefix("tcp://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as idle:

@@ -1,4 +1,4 @@
-"""loadsvc/rest.py: GET /v1/loads (JSON, Prometheus), /health, /metrics over a real region.
+"""loadsvc/surfaces/rest.py: GET /v1/loads (JSON, Prometheus), /health, /metrics over a real region.
 
 Snapshots are published with ShmPublisher into a unique /dev/shm region; the
 app is driven in-process through httpx's ASGI transport (both the standalone
@@ -35,11 +35,11 @@ from loadsvc import (
     ShmPublisher,
     SpeculativeMetrics,
     __version__,
-    rest,
 )
-from loadsvc.schema import to_dict
+from loadsvc.surfaces import rest
+from loadsvc.core.schema import to_dict
 from loadsvc.settings import StoreSettings
-from loadsvc.store import LoadStore, Selection
+from loadsvc.core.store import LoadStore, Selection
 
 # The twelve keys of SGLang's SchedulerLoad JSON that every rank always carries.
 SGLANG_CORE_KEYS = (
@@ -653,9 +653,9 @@ SERVER = textwrap.dedent("""
     import sys
     from pathlib import Path
     import uvicorn
-    from loadsvc.rest import create_app
+    from loadsvc.surfaces.rest import create_app
     from loadsvc.settings import StoreSettings
-    from loadsvc.store import LoadStore
+    from loadsvc.core.store import LoadStore
     store = LoadStore(StoreSettings(shm=Path(sys.argv[1])))
     uvicorn.run(create_app(store, api_key=sys.argv[3] or None), host="127.0.0.1",
                 port=int(sys.argv[2]), loop="uvloop", http="httptools", access_log=False,

@@ -1,4 +1,4 @@
-"""loadsvc/router.py: the reference router as a real process in front of real toy engines."""
+"""loadsvc/tools/router.py: the reference router as a real process in front of real toy engines."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from conftest import drive
-from loadsvc.fleet import EngineProc, Fleet
-from loadsvc.router import parse_worker
+from loadsvc.tools.fleet import EngineProc, Fleet
+from loadsvc.tools.router import parse_worker
 
 pytestmark = pytest.mark.timeout(120)
 

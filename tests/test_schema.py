@@ -22,7 +22,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 import loadsvc
-from loadsvc import schema
+from loadsvc.core import schema
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.sglang.grpc.scheduler import sglang_scheduler_pb2 as sg
 
@@ -147,7 +147,7 @@ def test_core_and_reader_fields() -> None:
 def test_fingerprint_is_64_bit_and_stable_in_a_new_process() -> None:
     assert 0 < schema.SCHEMA_FINGERPRINT < 2**64
     out = subprocess.run([sys.executable, "-c",
-                          "from loadsvc import schema; print(schema.SCHEMA_FINGERPRINT)"],
+                          "from loadsvc.core import schema; print(schema.SCHEMA_FINGERPRINT)"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert int(out) == schema.SCHEMA_FINGERPRINT
 
@@ -301,7 +301,7 @@ def test_public_names() -> None:
     for name in ("LoadSnapshot", "ShmPublisher", "ShmReader", "MemoryMetrics", "SpeculativeMetrics",
                  "LoRAMetrics", "DisaggregationMetrics", "QueueMetrics", "RegionError", "Status"):
         assert name in loadsvc.__all__, name
-    assert LoadSnapshot is schema.LoadSnapshot and ShmReader.__module__ == "loadsvc.shm"
+    assert LoadSnapshot is schema.LoadSnapshot and ShmReader.__module__ == "loadsvc.core.region"
 
 
 def test_py_typed_is_installed() -> None:

@@ -4,7 +4,7 @@
     --tls-cert/--tls-key            gRPC and REST over TLS only (plaintext clients fail)
     --tls-client-ca                 mutual TLS: clients without a certificate from that CA fail
     --api-key / $LOADSVC_API_KEY    `Authorization: Bearer KEY` (REST header, gRPC metadata) on every
-                                    endpoint but health (and ORCA, see loadsvc/orca.py), compared with
+                                    endpoint but health (and ORCA, see loadsvc/surfaces/orca.py), compared with
                                     hmac.compare_digest
     --host                          127.0.0.1 by default; beyond loopback without TLS or a key: a warning
     loadsvc get/watch --tls-ca --api-key   work against such a server
@@ -390,10 +390,10 @@ def test_an_empty_or_blank_api_key_is_refused(shm_path: Path, command: str, how:
 
 
 async def test_an_empty_api_key_is_refused_from_python(shm_path: Path) -> None:
-    from loadsvc.rest import create_app
+    from loadsvc.surfaces.rest import create_app
     from loadsvc.server import ServeError, serve
     from loadsvc.settings import ServeSettings, StoreSettings
-    from loadsvc.store import LoadStore
+    from loadsvc.core.store import LoadStore
 
     with pytest.raises(ServeError, match="empty"):
         await serve(ServeSettings(StoreSettings(shm=shm_path), api_key=" "))
@@ -407,10 +407,10 @@ async def test_an_empty_api_key_is_refused_from_python(shm_path: Path) -> None:
 
 async def test_api_key_is_compared_in_constant_time(shm_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both surfaces check the key with hmac.compare_digest (a spy sees every comparison)."""
-    from loadsvc.grpc_service import add_load_services
-    from loadsvc.rest import create_app
+    from loadsvc.surfaces.grpc import add_load_services
+    from loadsvc.surfaces.rest import create_app
     from loadsvc.settings import StoreSettings
-    from loadsvc.store import LoadStore
+    from loadsvc.core.store import LoadStore
 
     compared: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest

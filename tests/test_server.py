@@ -357,7 +357,7 @@ def test_serve_max_streams_bounds_watch_and_orca_streams(shm_path: Path, serve_p
     from xds.data.orca.v3.orca_load_report_pb2 import OrcaLoadReport
     from xds.service.orca.v3.orca_pb2 import OrcaLoadReportRequest
 
-    from loadsvc.orca import ORCA_SERVICE
+    from loadsvc.surfaces.orca import ORCA_SERVICE
 
     with ShmPublisher(shm_path, dp_size=1, dp_rank=0) as pub:
         pub.publish(LoadSnapshot(dp_rank=0, num_running_reqs=3))

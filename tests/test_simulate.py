@@ -1,4 +1,4 @@
-"""loadsvc/simulate.py: the dynamics in-process, the `loadsvc simulate` process over a real region."""
+"""loadsvc/tools/simulate.py: the dynamics in-process, the `loadsvc simulate` process over a real region."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loadsvc import ShmReader, default_path
-from loadsvc.simulate import EngineProfile, EngineSimulator, sections_for
+from loadsvc.tools.simulate import EngineProfile, EngineSimulator, sections_for
 
 SECTION_NAMES = ("memory", "speculative", "lora", "disaggregation", "queues")
 

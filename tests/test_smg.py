@@ -20,7 +20,7 @@ import pytest
 
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from conftest import drive, wait_for
-from loadsvc.fleet import EngineProc, Fleet, smg_available
+from loadsvc.tools.fleet import EngineProc, Fleet, smg_available
 
 pytestmark = [pytest.mark.timeout(90),
               pytest.mark.skipif(smg_available() is not None, reason=smg_available() or "")]

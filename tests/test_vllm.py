@@ -33,7 +33,7 @@ from conftest import wait_for
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
 from loadsvc.bench import vllm_env
-from loadsvc.fleet import Fleet, VllmProc, smg_available
+from loadsvc.tools.fleet import Fleet, VllmProc, smg_available
 
 REPO = Path(__file__).resolve().parent.parent
 STALE_AFTER = 3.0        # loadsvc's default: the plugin's default heartbeat (1 s) must keep up with it

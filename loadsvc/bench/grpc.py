@@ -40,10 +40,10 @@ import time
 import uuid
 from typing import Any
 
-from loadsvc._spawn import loadsvc_command
+from loadsvc.tools.procs import loadsvc_command
 from loadsvc.bench import (cpu_model, cpu_seconds, free_port, gocall, percentile, process_tree, reap, stop_process,
                            wait_listening)
-from loadsvc.shm import default_path
+from loadsvc.core.region import default_path
 
 __all__ = ["run"]
 
@@ -74,7 +74,7 @@ TARGET_WATCH_P99_MS = 100.0
 
 
 def _snapshot(rank: int, i: int) -> Any:
-    from loadsvc.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
+    from loadsvc.core.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
 
     return LoadSnapshot(dp_rank=rank, num_running_reqs=10 + i % 50, num_waiting_reqs=i % 7,
                         num_total_reqs=10 + i % 50 + i % 7, num_used_tokens=4096 + i, max_total_num_tokens=200000,
@@ -90,7 +90,7 @@ def _snapshot(rank: int, i: int) -> Any:
 def _publisher(shm: str, commands: Any, result: Any) -> None:
     """Publish every rank once; then, per ("run", seconds) command, rank 0 every PUBLISH_PERIOD
     for that long, answering ("final", last sequence, publishes in this run); ("quit",) ends it."""
-    from loadsvc.shm import ShmPublisher
+    from loadsvc.core.region import ShmPublisher
 
     pubs = [ShmPublisher(shm, dp_size=RANKS, dp_rank=r) for r in range(RANKS)]
     for r, pub in enumerate(pubs):

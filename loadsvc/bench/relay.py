@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc._spawn import loadsvc_command, python_command
+from loadsvc.tools.procs import loadsvc_command, python_command
 from loadsvc.bench import cpu_seconds, free_port, percentile, stop_process
 
 TARGET_P99_MS = 5.0

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc._spawn import python_command
+from loadsvc.tools.procs import python_command
 from loadsvc.bench import free_port, machine_summary
 
 RANKS = 8
@@ -87,7 +87,7 @@ def _publish(shm: Path, baseline: Path, ranks: int, rate: float) -> None:
     import msgspec
 
     from loadsvc import ShmPublisher
-    from loadsvc.schema import to_dict
+    from loadsvc.core.schema import to_dict
 
     pubs = [ShmPublisher(shm, dp_size=ranks, dp_rank=r) for r in range(ranks)]
     fd = os.open(baseline, os.O_RDWR | os.O_CREAT, 0o600)
@@ -139,9 +139,9 @@ def _uvicorn(app: Any, port: int) -> None:
 
 
 def _serve_loadsvc(shm: Path, port: int) -> None:
-    from loadsvc.rest import create_app
+    from loadsvc.surfaces.rest import create_app
     from loadsvc.settings import StoreSettings
-    from loadsvc.store import LoadStore
+    from loadsvc.core.store import LoadStore
 
     _uvicorn(create_app(LoadStore(StoreSettings(shm=shm))), port)
 

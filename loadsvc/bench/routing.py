@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from loadsvc.fleet import EngineProc, Fleet, smg_available
+from loadsvc.tools.fleet import EngineProc, Fleet, smg_available
 
 __all__ = ["run", "Trace", "make_trace"]
 

@@ -5,7 +5,7 @@
     read_all, nothing changed  read_all in a loop, one process
     read_all, all changed      publish every rank (not timed), then one read_all;
                                also with the Python loop (ShmReader(native=False)),
-                               for comparison, when loadsvc._shmfast is built
+                               for comparison, when loadsvc.core._shmfast is built
     contended publish          a writer process publishes every 0.5 ms for --seconds,
                                timing each publish, while --readers processes call
                                read_all in a loop; loadsvc first, then the baseline,
@@ -20,7 +20,7 @@ The baseline models the reference design: one file with a fixed 16 KiB slot per
 rank. Publish takes an exclusive flock on the whole file, writes a
 length-prefixed msgpack MAP of the snapshot into the slot and zero-fills the
 rest of the slot; read takes a shared flock and decodes every slot every time.
-Its payload is exactly ``msgspec.msgpack.encode(loadsvc.schema.to_dict(snap))``
+Its payload is exactly ``msgspec.msgpack.encode(loadsvc.core.schema.to_dict(snap))``
 (checked at start-up), produced by encoding a dict-keyed Struct with the same
 fields, and decoded into that Struct: both several times faster than going
 through dicts, so the baseline is not flattered.
@@ -43,8 +43,8 @@ from typing import Any
 
 import msgspec
 
-from loadsvc.schema import LoadSnapshot, MemoryMetrics, QueueMetrics, to_dict
-from loadsvc.shm import ShmPublisher, ShmReader, default_path, native_read_loop
+from loadsvc.core.schema import LoadSnapshot, MemoryMetrics, QueueMetrics, to_dict
+from loadsvc.core.region import ShmPublisher, ShmReader, default_path, native_read_loop
 
 __all__ = ["run", "Baseline"]
 
@@ -363,7 +363,7 @@ def _uncontended(ours_path: Path, base_path: Path, ranks: int) -> dict[str, tupl
         out = {"publish, uncontended (µs)": (med["pub"], med["bpub"]),
                "read_all, nothing changed (µs)": (med["ru"], med["bru"]),
                "read_all, every rank changed (µs)": (med["rc"], med["brc"])}
-        if reader.native:  # the same row without loadsvc._shmfast, for comparison (no target)
+        if reader.native:  # the same row without loadsvc.core._shmfast, for comparison (no target)
             out["read_all, every rank changed, Python loop (µs)"] = (med["rcp"], med["brc"])
         return out
     finally:
@@ -389,8 +389,8 @@ def run(args: Any) -> int:
     console.print(f"payload: loadsvc {len(msgspec.msgpack.encode(sample))} B (msgpack array), "
                   f"baseline {len(msgspec.msgpack.encode(to_map_struct(sample)))} B (msgpack map)")
     console.print("read_all's changed-rank loop: " + (
-        "C (loadsvc._shmfast)" if native_read_loop() else
-        "[yellow]Python (loadsvc._shmfast was not built: no C compiler at install?)[/]"))
+        "C (loadsvc.core._shmfast)" if native_read_loop() else
+        "[yellow]Python (loadsvc.core._shmfast was not built: no C compiler at install?)[/]"))
 
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     base_dir = default_path().parent

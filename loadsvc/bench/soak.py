@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc._spawn import loadsvc_command
+from loadsvc.tools.procs import loadsvc_command
 from loadsvc.bench import cpu_seconds, free_port, machine_summary, percentile, reap, stop_process, wait_listening
 
 __all__ = ["run", "RSS_GROWTH_BOUND_MB"]
@@ -69,7 +69,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def _snapshot(rank: int, i: int) -> Any:
-    from loadsvc.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
+    from loadsvc.core.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
 
     running = 10 + (i + 7 * rank) % 50
     return LoadSnapshot(dp_rank=rank, num_running_reqs=running, num_waiting_reqs=i % 7,
@@ -86,7 +86,7 @@ def _snapshot(rank: int, i: int) -> Any:
 
 def _publisher(shm: str, stop: Any, result: Any) -> None:
     """Every rank at RATE_HZ until stop; reports publish() durations and gaps between ticks."""
-    from loadsvc.shm import ShmPublisher
+    from loadsvc.core.region import ShmPublisher
 
     pubs = [ShmPublisher(shm, dp_size=RANKS, dp_rank=r) for r in range(RANKS)]
     period = 1.0 / RATE_HZ

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc._spawn import loadsvc_command, python_command
+from loadsvc.tools.procs import loadsvc_command, python_command
 from loadsvc.bench import free_port, machine_summary, percentile, stop_process, wait_listening
 
 TARGET_ADDED_US = 10.0

@@ -24,8 +24,8 @@ from typing import Any
 
 from loadsvc.embed import open_store
 from loadsvc.engines.vllm.settings import VllmSettings
-from loadsvc.rest import loads_responder
-from loadsvc.store import LoadStore
+from loadsvc.surfaces.rest import loads_responder
+from loadsvc.core.store import LoadStore
 
 __all__ = ["LoadsMiddleware"]
 

@@ -23,13 +23,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadsvc.shm import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
+from loadsvc._exceptions import SettingsError
+from loadsvc.core.region import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
 
 __all__ = ["VllmSettings", "SettingsError"]
-
-
-class SettingsError(ValueError):
-    """An environment variable of the vLLM integration has a value it cannot use."""
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:

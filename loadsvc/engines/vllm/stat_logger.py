@@ -31,7 +31,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from loadsvc.engines.vllm.rank import EngineLimits, EngineRank
 from loadsvc.engines.vllm.settings import SettingsError, VllmSettings
-from loadsvc.shm import ShmPublisher
+from loadsvc.core.region import ShmPublisher
 
 __all__ = ["LoadsvcStatLogger", "engine_limits"]
 

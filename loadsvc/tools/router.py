@@ -64,7 +64,7 @@ from loadsvc.settings import RouterSettings, RouterWorker
 
 __all__ = ["Router", "run_router", "POLICIES", "parse_worker"]
 
-log = logging.getLogger("loadsvc.router")
+log = logging.getLogger("loadsvc.tools.router")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per proxied request
 
 POLICIES = ("p2c", "round_robin")

@@ -29,14 +29,15 @@ from typing import Any
 
 import httpx
 
-from loadsvc._spawn import loadsvc_command, python_command
+from loadsvc._exceptions import LoadsvcError
+from loadsvc.tools.procs import loadsvc_command, python_command
 
 __all__ = ["Fleet", "FleetError", "Proc", "EngineProc", "VllmProc", "free_port", "smg_available"]
 
 HOST = "127.0.0.1"
 
 
-class FleetError(RuntimeError):
+class FleetError(LoadsvcError, RuntimeError):
     """A fleet process did not start; the message ends with its log."""
 
 

@@ -18,7 +18,7 @@ GetLoads and heartbeats without waking subscribers.
 The store attaches to the region lazily: with ``dp_size`` it creates the region
 if missing; without, it reports no ranks until a publisher creates it. It
 detaches when the file is removed, replaced or truncated under it (a read of a
-truncated file is a RegionError, never a SIGBUS: see loadsvc/shm.py), and
+truncated file is a RegionError, never a SIGBUS: see loadsvc/core/region.py), and
 re-attaches once a valid region is there again (``attached`` is False in
 between, which health reports as NOT_SERVING). Detaches are counted per reason
 (``detaches``); region events are logged at most once per kind per LOG_EVERY
@@ -38,16 +38,18 @@ from typing import Any
 
 import msgspec
 
-from loadsvc import __version__, schema
-from loadsvc.schema import SECTIONS, AggregateMetrics, Status
+from loadsvc._exceptions import BadRequest
+from loadsvc._version import __version__
+from loadsvc.core import schema
+from loadsvc.core.schema import SECTIONS, AggregateMetrics, Status
 from loadsvc.settings import StoreSettings
-from loadsvc.shm import RegionError, ShmReader, create_region, freshness
+from loadsvc.core.region import RegionError, ShmReader, create_region, freshness
 
 __all__ = ["LoadStore", "View", "Selection", "parse_include", "BadRequest", "INCLUDE_TOKENS",
            "MAX_INCLUDE_VALUES", "MAX_INCLUDE_TOKENS", "MAX_INCLUDE_CHARS", "snapshot_dict", "response_dict",
            "response_proto", "int32_total", "finite_mean"]
 
-log = logging.getLogger("loadsvc.store")
+log = logging.getLogger("loadsvc.core.store")
 
 TICK = 0.1  # seconds between rebuilds for ages and status transitions
 ATTACH_RETRY = 0.5  # seconds between attempts to attach / checks that the file is still there
@@ -66,15 +68,6 @@ MAX_INCLUDE_VALUES = 8  # include values per request (repeated field entries, qu
 MAX_INCLUDE_TOKENS = 8  # comma-separated tokens per value, empty ones counted
 MAX_INCLUDE_CHARS = 128  # characters per value
 INT32_MAX = 2**31 - 1
-
-
-class BadRequest(ValueError):
-    """A request value out of range; the message names the field (reason: a short label, or "")."""
-
-    def __init__(self, field_name: str, message: str, reason: str = "") -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.reason = reason
 
 
 def parse_include(tokens: Iterable[str]) -> frozenset[str]:

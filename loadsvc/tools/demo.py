@@ -12,11 +12,11 @@ The children run in their own process group, so a Ctrl-C reaches only the demo,
 which stops them in order (load source first, then the server). They also get
 SIGKILL from the kernel if the demo itself dies (Linux PR_SET_PDEATHSIG). -P
 keeps a `loadsvc/` folder in the current directory from shadowing the installed
-package in them (see loadsvc/_spawn.py).
+package in them (see loadsvc/tools/procs.py).
 
 ``--engine`` runs real routing instead of the bare simulator: the toy
-inference engine (loadsvc/engine.py, --dp-size ranks, the last one at half
-speed) publishes into the region, and the reference router (loadsvc/router.py)
+inference engine (loadsvc/tools/engine.py, --dp-size ranks, the last one at half
+speed) publishes into the region, and the reference router (loadsvc/tools/router.py)
 sits in front of it, picking a rank per request by power of two choices on the
 loads it watches over the engine's WatchLoads stream:
 
@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadsvc._spawn import loadsvc_command
+from loadsvc._exceptions import LoadsvcError
+from loadsvc.tools.procs import loadsvc_command
 from loadsvc.settings import DemoSettings
-from loadsvc.shm import default_path
+from loadsvc.core.region import default_path
 
 __all__ = ["run_demo"]
 
@@ -53,7 +54,7 @@ DEFAULT_HTTP_PORT = 8000
 DEFAULT_ROUTER_PORT = 8080  # --engine: `loadsvc router`'s own default (the engine's ports are free ones)
 
 
-class DemoError(RuntimeError):
+class DemoError(LoadsvcError, RuntimeError):
     """The demo cannot start; the message says why and what to change. code: the exit code."""
 
     def __init__(self, message: str, code: int = 1) -> None:
@@ -306,7 +307,7 @@ class _Demo:
 
 
 def _check(settings: DemoSettings) -> None:
-    if settings.engine and importlib.util.find_spec("loadsvc.engine") is None:
+    if settings.engine and importlib.util.find_spec("loadsvc.tools.engine") is None:
         raise DemoError("--engine (toy inference engines and the reference router) is not available "
                         "yet in this loadsvc; run `loadsvc demo` without --engine for the simulator",
                         code=2)

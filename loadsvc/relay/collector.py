@@ -1,32 +1,13 @@
-"""The cross-node path: engines on other nodes push snapshots over ZMQ into node 0's region.
+"""The node-0 side of the relay: the Collector checks every frame, then writes it into the region.
 
-    node 1..k                                   node 0 (`loadsvc serve --collect tcp://0.0.0.0:5557`)
-    ZmqPublisher(rank r)  --PUSH, CURVE-->  Collector (PULL, bind, own thread)
-      publish(snapshot)                       validate: size, header, fingerprint, dp_size,
-      one frame: header + msgpack             rank, decode, payload rank, epoch/seq
-      only the latest kept while away             | valid          | invalid
-                                                  v                v
-                                      ShmPublisher(rank r).publish  counted per reason,
-                                      (publish time = receive time) logged (rate limited)
-                                                  v
-                                      region -> LoadStore -> gRPC / REST (as local ranks)
-
-Frame (one ZMQ message part, little-endian):
-
-    offset  size  field
-         0     3  magic b"LSR"
-         3     1  frame version (1)
-         4     4  dp_rank (uint32)   must equal the payload's dp_rank
-         8     4  dp_size (uint32)   must equal the region's
-        12     8  schema fingerprint (loadsvc.schema.SCHEMA_FINGERPRINT)
-        20     8  epoch (uint64, random per ZmqPublisher instance, never 0)
-        28     8  seq (uint64, 1, 2, ... per publisher)
-        36     -  payload: msgpack of LoadSnapshot (array form, as in the region)
-
-The payload's own ``epoch``, ``seq`` and ``publish_time_ns`` are not trusted:
-the collector stamps the header's epoch, the region assigns its own sequence,
-and the publish time is the collector's receive time, so a node whose clock is
-skewed can make a rank look neither fresher nor older than it is.
+    ZmqPublisher (other nodes) --frames--> Collector (PULL, bind, own thread)
+                                             validate: size, header, fingerprint, dp_size,
+                                             rank, decode, value rule, payload rank, epoch/seq
+                                               | valid                     | invalid
+                                               v                           v
+                                   one writer per rank into the     counted per reason
+                                   region (publish time = receive   (REJECT_REASONS), logged
+                                   time)                            rate-limited, dropped
 
 Ordering, per rank (the collector keeps the epoch, seq and receive time of the
 last accepted frame, and the same for the epochs it has seen replaced):
@@ -71,7 +52,7 @@ on 2 cores: the same collector on a zmq.asyncio socket inside serve's loop
 saturated the loop at 800 frames/s and the streams fell seconds behind; the
 thread adds about 15 us of work per frame.)
 
-Authentication: with ``ServeSettings.curve`` the socket is a CURVE server and
+Authentication: with ``CollectorSettings.curve`` the socket is a CURVE server and
 pyzmq's ZAP authenticator admits only public certificates found in
 ``authorized_dir`` (re-read when the directory changes). A refused handshake is
 counted as reason ``unauthorized``; such a peer never delivers a frame (it
@@ -87,8 +68,6 @@ import collections
 import logging
 import math
 import os
-import secrets
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -100,29 +79,17 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from loadsvc import schema
-from loadsvc.schema import LoadSnapshot
-from loadsvc.settings import CurveClientSettings, CurveServerSettings, ServeSettings
-from loadsvc.shm import DEFAULT_PAYLOAD_CAPACITY, PwritePublisher, RegionError, ShmPublisher, ShmReader
+from loadsvc.core import schema
+from loadsvc.core.schema import LoadSnapshot
+from loadsvc.core.region import PwritePublisher, RegionError, ShmPublisher, ShmReader
+from loadsvc.relay.frame import (FRAME_HEADER, FRAME_MAGIC, FRAME_VERSION, HANDSHAKE_FAILED_EVENTS,
+                                  set_heartbeats)
+from loadsvc.relay.keys import load_secret
+from loadsvc.settings import CollectorSettings, CurveServerSettings
 
-__all__ = [
-    "ZmqPublisher",
-    "Collector",
-    "generate_keys",
-    "encode_frame",
-    "REJECT_REASONS",
-    "FRAME_HEADER",
-    "FRAME_MAGIC",
-    "FRAME_VERSION",
-]
+__all__ = ["Collector", "REJECT_REASONS"]
 
 log = logging.getLogger("loadsvc.relay")
-
-FRAME_MAGIC = b"LSR"
-FRAME_VERSION = 1
-# magic+version, dp_rank, dp_size, fingerprint, epoch, seq
-FRAME_HEADER = struct.Struct("<4sIIQQQ")
-_MAGIC_VERSION = FRAME_MAGIC + bytes([FRAME_VERSION])
 
 RETIRED_EPOCHS = 16  # replaced incarnations remembered per rank
 SEQ_RATE_CAP = 1_000_000  # publishes per second no publisher reaches: bounds a seq jump
@@ -131,18 +98,12 @@ LOG_EVERY = 10.0  # seconds: at most one log line per reject reason in this inte
 CLAIM_RETRY = 2.0  # seconds before retrying a rank owned by a local publisher
 REGION_CHECK = 1.0  # seconds between checks that the region file is still the same
 AUTH_RELOAD = 2.0  # seconds between looks at the authorized directory
-HEARTBEAT_IVL_MS = 1000  # ZMTP heartbeats: a dead peer is noticed within ~3 s
-HEARTBEAT_TIMEOUT_MS = 3000
-HANDSHAKE_RETRY = 2.0  # seconds: a publisher whose handshake was refused tries again
 # Collector socket bounds: frames queued per connection (each at most twice
 # --max-frame-bytes: about 2 MiB per connection by default), and how long a
 # connection may take to complete its handshake before it is dropped (ZMQ: 30 s).
 RCVHWM = 16
 HANDSHAKE_IVL_MS = 5000
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
-# Every reason a frame (or, for the three handshake reasons, a connection) is refused.
 REJECT_REASONS: dict[str, str] = {
     "oversized": "frame larger than --max-frame-bytes",
     "malformed": "not a single-part message",
@@ -169,263 +130,6 @@ REJECT_REASONS: dict[str, str] = {
                     "TCP health checks (and some attempts of a one-sided CURVE publisher)",
     "internal_error": "an unexpected error while handling the frame (logged with its traceback)",
 }
-
-
-def encode_frame(payload: bytes, *, dp_rank: int, dp_size: int, epoch: int, seq: int,
-                 fingerprint: int = schema.SCHEMA_FINGERPRINT) -> bytes:
-    """One relay frame: header + already encoded payload (tests build bad frames with it)."""
-    return FRAME_HEADER.pack(_MAGIC_VERSION, dp_rank, dp_size, fingerprint, epoch, seq) + payload
-
-
-# -- keys ----------------------------------------------------------------------
-
-
-def generate_keys(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
-    """Write DIR/NAME.key (public) and DIR/NAME.key_secret (mode 0600) in pyzmq's format.
-
-    An existing, readable pair is kept as it is (delete both files to rotate),
-    so a start-up script may call this every time.
-    """
-    directory = Path(directory)
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"key name must be a plain file name, got {name!r}")
-    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
-    if public.exists() and secret.exists():
-        try:
-            pub, sec = zmq.auth.load_certificate(secret)
-            if sec is not None and zmq.auth.load_certificate(public)[0] == pub:
-                log.info("keeping the existing key pair %s, %s", public, secret)
-                return public, secret
-        except (OSError, ValueError):
-            pass
-        raise ValueError(f"{public} and {secret} exist but are not a matching key pair; "
-                         "remove them to generate a new one")
-    directory.mkdir(parents=True, exist_ok=True)
-    pub_path, sec_path = zmq.auth.create_certificates(directory, name)
-    os.chmod(sec_path, 0o600)
-    return Path(pub_path), Path(sec_path)
-
-
-def _load_certificate(path: Path, what: str) -> tuple[bytes, bytes | None]:
-    """(public, secret or None) from a pyzmq certificate file; ValueError naming the file."""
-    try:
-        return zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{what} {path}: cannot read a pyzmq certificate ({e}); create one "
-                         "with `loadsvc keys gen DIR NAME`") from e
-
-
-def _load_public(path: Path, what: str) -> bytes:
-    public, _ = _load_certificate(path, what)
-    if not public:
-        raise ValueError(f"{what} {path}: no public-key in the certificate")
-    return public
-
-
-def _load_secret(path: Path, what: str) -> tuple[bytes, bytes]:
-    public, secret = _load_certificate(path, what)
-    if not secret:
-        raise ValueError(f"{what} {path}: this is a public certificate; pass the NAME.key_secret file")
-    return public, secret
-
-
-def _set_heartbeats(sock: zmq.Socket) -> None:
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
-
-
-# -- publisher -------------------------------------------------------------------
-
-
-class ZmqPublisher:
-    """The engine side on another node: pushes one rank's snapshots to a collector.
-
-    ``ZmqPublisher("tcp://node0:5557", dp_size=8, dp_rank=5)`` connects (ZMQ
-    reconnects by itself whenever the collector goes away and comes back).
-    ``publish(snapshot)`` never blocks: the socket is conflating, so while the
-    collector is unreachable only the latest snapshot waits, and it is the one
-    delivered on reconnection. ``maybe_publish(build)`` calls build() and
-    publishes on every ``interval``-th call. ``curve`` (CurveClientSettings)
-    enables CURVE with this publisher's secret certificate and the collector's
-    public one. When the collector refuses the handshake (key not authorized
-    yet) the publisher logs it and tries again every HANDSHAKE_RETRY seconds,
-    re-reading its key files, so authorizing the key later is enough.
-    """
-
-    def __init__(self, endpoint: str, *, dp_size: int, dp_rank: int,
-                 curve: CurveClientSettings | None = None, interval: int = 1,
-                 payload_capacity: int = DEFAULT_PAYLOAD_CAPACITY,
-                 context: zmq.Context | None = None, linger_ms: int = 200) -> None:
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank must be in 0..{dp_size - 1} for dp_size={dp_size}, got {dp_rank}")
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}")
-        self.endpoint = endpoint
-        self.dp_size = dp_size
-        self.dp_rank = dp_rank
-        self.interval = interval
-        self.epoch = secrets.randbits(63) | 1
-        self._capacity = payload_capacity
-        self._calls = 0
-        self._seq = 0
-        self.dropped = 0  # publishes the socket refused (never expected with CONFLATE)
-        self._encode = msgspec.msgpack.Encoder().encode
-        self._check = msgspec.msgpack.Decoder(LoadSnapshot).decode
-        ctx = context if context is not None else zmq.Context.instance()
-        sock = ctx.socket(zmq.PUSH)
-        try:
-            # CONFLATE keeps exactly one outgoing message (the latest) while the
-            # collector is away; it works because a frame is a single part.
-            sock.setsockopt(zmq.CONFLATE, 1)
-            sock.setsockopt(zmq.LINGER, linger_ms)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            _set_heartbeats(sock)
-            self._curve = curve
-            self._load_curve(sock)
-            monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            sock.connect(endpoint)
-        except zmq.ZMQError as e:
-            sock.close(linger=0)
-            raise ValueError(f"cannot connect to collector endpoint {endpoint!r}: {e} "
-                             "(expected e.g. tcp://node0:5557)") from e
-        except BaseException:
-            sock.close(linger=0)
-            raise
-        self._sock: zmq.Socket | None = sock
-        self._monitor = monitor
-        self._next_check = 0.0
-        self._retry_at: float | None = None
-        self._last_frame: bytes | None = None
-        self.handshake_failures = 0  # handshakes the collector refused (see _check_link)
-        self._head = (_MAGIC_VERSION, dp_rank, dp_size, schema.SCHEMA_FINGERPRINT, self.epoch)
-        self._pack = FRAME_HEADER.pack
-
-    @property
-    def seq(self) -> int:
-        """Sequence of the last publish (0 before the first)."""
-        return self._seq
-
-    def publish(self, snapshot: Any) -> int:
-        """Queue snapshot for the collector (replacing any undelivered one); return its seq.
-
-        Raises ValueError when the snapshot's dp_rank is not this publisher's,
-        its encoding exceeds the region's slot, or a field breaks the schema's
-        value rule (negative, NaN, infinite): the collector would drop it.
-        """
-        if self._sock is None:
-            raise ValueError(f"publisher for dp_rank {self.dp_rank} is closed")
-        if snapshot.dp_rank != self.dp_rank:
-            raise ValueError(f"snapshot.dp_rank={snapshot.dp_rank} but this publisher owns "
-                             f"dp_rank {self.dp_rank}")
-        payload = self._encode(snapshot)
-        if len(payload) > self._capacity:
-            raise ValueError(f"snapshot encodes to {len(payload)} bytes, more than a region slot's "
-                             f"payload capacity of {self._capacity} bytes; nothing sent")
-        try:
-            self._check(payload)  # the collector's own decode: what it would refuse is refused here
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
-            raise ValueError(f"dp_rank {self.dp_rank}: snapshot field {schema.value_error(payload) or e} "
-                             "(no number in a snapshot may be negative, NaN or infinite); "
-                             "nothing sent") from None
-        n = self._seq + 1
-        m, rank, size, fp, epoch = self._head
-        frame = self._pack(m, rank, size, fp, epoch, n) + payload
-        self._last_frame = frame
-        try:
-            self._sock.send(frame, zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped += 1  # the next publish carries the whole state again
-        self._seq = n
-        now = time.monotonic()
-        if now >= self._next_check:
-            self._next_check = now + 0.25
-            self._check_link(now)
-        return n
-
-    def _load_curve(self, sock: zmq.Socket) -> None:
-        """(Re)read the CURVE certificates: a retry after a refused handshake sees rotated files."""
-        curve = self._curve
-        if curve is None:
-            return
-        server_public = _load_public(curve.server_key, "--curve-server-key")
-        public, secret = _load_secret(curve.secret_key, "--curve-secret-key")
-        sock.curve_serverkey = server_public
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
-
-    def _check_link(self, now: float) -> None:
-        """Reconnect some time after the collector refused the handshake.
-
-        libzmq reconnects by itself after network errors, but never again after a
-        refused handshake (an unauthorized key, a wrong server key, CURVE on one
-        side only). Authorizing the key later must not need an engine restart, so
-        the publisher reconnects itself every HANDSHAKE_RETRY seconds.
-        """
-        sock, monitor = self._sock, self._monitor
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
-            except zmq.Again:
-                break
-            if event & _HANDSHAKE_FAILED:
-                self.handshake_failures += 1
-                if self._retry_at is None:
-                    log.warning("collector %s refused dp_rank %d's handshake (%s); retrying in %.0f s",
-                                self.endpoint, self.dp_rank,
-                                "CURVE key not authorized" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                else "wrong server key, or CURVE on one side only", HANDSHAKE_RETRY)
-                    self._retry_at = now + HANDSHAKE_RETRY
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._retry_at = None
-        if self._retry_at is not None and now >= self._retry_at:
-            self._retry_at = None
-            try:
-                sock.disconnect(self.endpoint)
-            except zmq.ZMQError:
-                pass  # already gone
-            try:
-                self._load_curve(sock)
-            except ValueError as e:
-                log.warning("dp_rank %d: %s; keeping the previous keys", self.dp_rank, e)
-            sock.connect(self.endpoint)
-            if self._last_frame is not None:
-                try:
-                    sock.send(self._last_frame, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-
-    def maybe_publish(self, build: Callable[[], Any]) -> bool:
-        """Call build() and publish its snapshot on every interval-th call; True if it did."""
-        self._calls += 1
-        if self._calls < self.interval:
-            return False
-        self._calls = 0
-        self.publish(build())
-        return True
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.disable_monitor()
-            self._monitor.close(linger=0)
-            self._sock.close()
-            self._sock = None
-
-    def __enter__(self) -> ZmqPublisher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing sensible left to do
-            pass
-
-
-# -- collector --------------------------------------------------------------------
 
 
 class _RankState:
@@ -458,8 +162,8 @@ class _Rejected(Exception):
 class Collector:
     """PULL side of the relay: validates every frame, then writes it into the node's region.
 
-    ``Collector(serve_settings, registry)``: binds ``serve_settings.collect``,
-    writes into ``serve_settings.store.shm`` and registers its counters
+    ``Collector(settings, registry)``: binds ``settings.endpoint``,
+    writes into ``settings.shm`` and registers its counters
     (``loadsvc_relay_frames_accepted_total``,
     ``loadsvc_relay_frames_rejected_total{reason}``) in the given
     prometheus_client registry. ``await start()`` raises if the endpoint
@@ -473,18 +177,18 @@ class Collector:
     seconds) and dropped before it touches the region.
     """
 
-    def __init__(self, settings: ServeSettings, registry: Any = None, *,
+    def __init__(self, settings: CollectorSettings, registry: Any = None, *,
                  on_write: Callable[[], None] | None = None,
                  clock: Callable[[], int] = time.time_ns) -> None:
-        if not settings.collect:
-            raise ValueError("Collector needs ServeSettings.collect (an endpoint such as tcp://0.0.0.0:5557)")
+        if not settings.endpoint:
+            raise ValueError("Collector needs an endpoint such as tcp://0.0.0.0:5557")
         from prometheus_client import CollectorRegistry, Counter
 
         self.settings = settings
-        self.endpoint = settings.collect
-        self.path = Path(settings.store.shm)
+        self.endpoint = settings.endpoint
+        self.path = Path(settings.shm)
         self.max_frame_bytes = settings.max_frame_bytes
-        self.stale_after = settings.store.stale_after  # silence after which a retired epoch may return
+        self.stale_after = settings.stale_after  # silence after which a retired epoch may return
         self._clock = clock
         self._on_write = on_write
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -569,9 +273,9 @@ class Collector:
             # default (1000) let one flooding peer park ~130 MB here.
             sock.setsockopt(zmq.RCVHWM, RCVHWM)
             sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-            _set_heartbeats(sock)
+            set_heartbeats(sock)
             if curve is not None:
-                public, secret = _load_secret(curve.secret_key, "--curve-secret-key")
+                public, secret = load_secret(curve.secret_key, "--curve-secret-key")
                 if not Path(curve.authorized_dir).is_dir():
                     raise ValueError(f"--curve-authorized-dir {curve.authorized_dir}: not a directory "
                                      "(put the publishers' NAME.key public certificates there)")
@@ -584,7 +288,7 @@ class Collector:
                 sock.curve_publickey = public
                 sock.curve_server = True
             sock.bind(self.endpoint)
-            monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+            monitor = sock.get_monitor_socket(HANDSHAKE_FAILED_EVENTS)
         except zmq.ZMQError as e:
             sock.close(linger=0)
             if auth is not None:
@@ -828,11 +532,10 @@ class Collector:
         now = time.monotonic()
         if self._claim_retry_at.get(rank, 0.0) > now:
             raise _Rejected("rank_owned", f"dp_rank {rank} is owned by a local publisher of {self.path}")
-        store = self.settings.store
         try:
             # pwrite, not stores into the mapping: a file truncated under serve must not kill it
             pub = PwritePublisher(self.path, dp_size=self._dp_size or 0, dp_rank=rank,
-                                  mode=store.region_mode)
+                                  mode=self.settings.region_mode)
         except RegionError as e:
             # ShmPublisher says "already" only when another live writer holds the
             # rank (its record lock); anything else is a problem with the file.
@@ -857,8 +560,8 @@ class Collector:
         """dp_size of the region the collector writes: --dp-size, else the existing file's."""
         if self._dp_size is not None:
             return self._dp_size
-        if self.settings.store.dp_size is not None:
-            self._dp_size = self.settings.store.dp_size
+        if self.settings.dp_size is not None:
+            self._dp_size = self.settings.dp_size
             return self._dp_size
         now = time.monotonic()
         if now - self._dp_size_checked < 0.5:  # do not stat the file for every frame

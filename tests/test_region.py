@@ -1,4 +1,4 @@
-"""The shared-memory region (loadsvc/shm.py), with real processes and real /dev/shm files.
+"""The shared-memory region (loadsvc/core/region.py), with real processes and real /dev/shm files.
 
     basics            publish / read / read_all, sequences, publish times, modes, default_path
     reader cache      an unchanged read_all is the same list; one decode per (rank, seq)
@@ -49,9 +49,9 @@ from loadsvc import (
     Status,
     default_path,
     freshness,
-    shm,
 )
-from loadsvc.shm import create_region
+from loadsvc.core import region as shm
+from loadsvc.core.region import create_region
 
 SPAWN = mp.get_context("spawn")
 
@@ -68,7 +68,7 @@ def region() -> Iterator[Path]:
 
 @pytest.fixture(params=["native", "python"])
 def native(request: pytest.FixtureRequest) -> bool:
-    """Both read_all loops: loadsvc._shmfast (C) and the Python one (ShmReader(native=False))."""
+    """Both read_all loops: loadsvc.core._shmfast (C) and the Python one (ShmReader(native=False))."""
     return bool(request.param == "native")
 
 
@@ -177,7 +177,7 @@ class Raw:
 
 def test_native_read_loop_is_built() -> None:
     assert shm._native_read_changed is not None, (
-        "loadsvc._shmfast was not built: `pip install -e .` compiles it when gcc and the Python "
+        "loadsvc.core._shmfast was not built: `pip install -e .` compiles it when gcc and the Python "
         "headers are there (reinstall to see the compiler's error)")
 
 
@@ -445,7 +445,7 @@ def test_stress_writers_and_readers_see_no_torn_snapshot(region: Path) -> None:
     procs = [SPAWN.Process(target=_stress_writer,
                            args=(str(region), r, writers, ready, go, stop, seconds, 2_000_000, results, 0.0))
              for r in range(writers)]
-    # Readers 0 and 2 read_all in C (loadsvc._shmfast), reader 1 in Python.
+    # Readers 0 and 2 read_all in C (loadsvc.core._shmfast), reader 1 in Python.
     procs += [SPAWN.Process(target=_stress_reader,
                             args=(str(region), ready, go, seconds + 0.3, results, i % 2 == 0))
               for i in range(readers)]
@@ -915,7 +915,7 @@ def test_wrong_layout_version(region: Path) -> None:
 
 def test_wrong_fingerprint(region: Path) -> None:
     create_region(region, 4)
-    from loadsvc import schema
+    from loadsvc.core import schema
 
     other = schema.SCHEMA_FINGERPRINT ^ 0xFF
     _patch(region, 16, struct.pack("<Q", other))

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from loadsvc.schema import (
+from loadsvc.core.schema import (
     DisaggregationMetrics,
     LoadSnapshot,
     LoRAMetrics,
@@ -50,7 +50,7 @@ from loadsvc.settings import SimulateSettings
 
 __all__ = ["EngineProfile", "EngineSimulator", "run_simulate", "sections_for"]
 
-log = logging.getLogger("loadsvc.simulate")
+log = logging.getLogger("loadsvc.tools.simulate")
 
 SUMMARY_EVERY = 10.0  # seconds between progress lines in the log
 MAX_STEP = 1.0  # seconds one step may simulate at most
@@ -404,7 +404,7 @@ def _open_publishers(settings: SimulateSettings) -> tuple[list[Any], str]:
                                          curve=settings.curve))
             where = f"collector {settings.zmq}" + (" (CURVE)" if settings.curve else "")
         else:
-            from loadsvc.shm import ShmPublisher, default_path
+            from loadsvc.core.region import ShmPublisher, default_path
 
             path = settings.shm if settings.shm is not None else default_path()
             for r in settings.ranks:
@@ -419,7 +419,7 @@ def _open_publishers(settings: SimulateSettings) -> tuple[list[Any], str]:
 
 def run_simulate(settings: SimulateSettings) -> int:
     """`loadsvc simulate`: publish every rank of settings.ranks until stopped; 0 on a clean stop."""
-    from loadsvc.shm import RegionError
+    from loadsvc.core.region import RegionError
 
     if not settings.ranks or max(settings.ranks) >= settings.dp_size or min(settings.ranks) < 0:
         log.error("ranks %s are outside dp_size %d", settings.ranks, settings.dp_size)

@@ -70,17 +70,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from loadsvc import __version__
+from loadsvc._exceptions import LoadsvcError
+from loadsvc._version import __version__
 from loadsvc._hosting import bind_tcp, run, serve_until_signal
-from loadsvc._limits import grpc_options
+from loadsvc.surfaces.limits import grpc_options
 from loadsvc.embed import add_to_grpc_server, loads_router, open_store
-from loadsvc.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
+from loadsvc.core.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
 from loadsvc.settings import EngineSettings, GrpcLimits
-from loadsvc.shm import RegionError, ShmPublisher, default_path
+from loadsvc.core.region import RegionError, ShmPublisher, default_path
 
 __all__ = ["Engine", "EngineError", "run_engine", "prompt_tokens", "region_path"]
 
-log = logging.getLogger("loadsvc.engine")
+log = logging.getLogger("loadsvc.tools.engine")
 
 DEFAULT_MAX_NEW_TOKENS = 16
 MAX_NEW_TOKENS_LIMIT = 1 << 20
@@ -93,11 +94,11 @@ STORE_POLL_S = 0.05  # the store's own poll (status changes); publishes refresh 
 FINISH_SLACK_S = 0.0005  # a request this close to its last step counts as finished
 
 
-class EngineError(ValueError):
+class EngineError(LoadsvcError, ValueError):
     """A request the engine cannot serve (HTTP 400); the message says which field and why."""
 
 
-class EngineStopping(RuntimeError):
+class EngineStopping(LoadsvcError, RuntimeError):
     """The engine stopped while the request was in flight (HTTP 503)."""
 
 

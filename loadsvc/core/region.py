@@ -30,7 +30,7 @@ writing the other buffer, so readers keep reading publish n undisturbed. After
 a bounded number of retries the reader returns its last good copy of that rank
 (which turns stale with time), or None if it never had one.
 
-Values: a payload is decoded with the Structs of loadsvc.schema, which carry the
+Values: a payload is decoded with the Structs of loadsvc.core.schema, which carry the
 value rule (no number negative, NaN or infinite; ints within their protobuf
 type). A checksum-valid payload that breaks it (a foreign or buggy writer) is
 refused like any undecodable one: counted as ``corrupt``, the last good copy
@@ -45,7 +45,7 @@ slot count is a RegionError naming the file and what differs.
 Truncation: anyone who may write the file can truncate it at any moment, and
 touching a mapping past the end of its file raises SIGBUS, which kills the
 process; checking the size first only narrows that window. So readers never
-touch the mapping unguarded: loadsvc._shmfast copies out of it in C under a
+touch the mapping unguarded: loadsvc.core._shmfast copies out of it in C under a
 SIGBUS guard (a fault ends the copy short instead), and without the C module
 readers read the file with os.pread (a short read, never a fault). Opening
 reads the header with pread and maps only the size the header describes. A
@@ -81,8 +81,9 @@ from typing import Any
 
 import msgspec
 
-from loadsvc import schema
-from loadsvc.schema import LoadSnapshot, Status
+from loadsvc._exceptions import RegionError
+from loadsvc.core import schema
+from loadsvc.core.schema import LoadSnapshot, Status
 
 __all__ = [
     "ShmPublisher",
@@ -115,10 +116,6 @@ _FIRST_READ = 1024
 
 DEFAULT_STALE_AFTER = 3.0
 DEFAULT_UNREACHABLE_AFTER = 30.0
-
-
-class RegionError(RuntimeError):
-    """The region file is missing, corrupt, or does not match what the caller expects."""
 
 
 def default_path(instance: str = "default") -> Path:
@@ -170,20 +167,20 @@ _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeErr
 _crc32 = binascii.crc32
 _time_ns = time.time_ns
 
-# The changed-rank loop of read_all in C (loadsvc/_shmfast.c): the same checks
+# The changed-rank loop of read_all in C (loadsvc/core/_shmfast.c): the same checks
 # with acquire loads, the same checksum, the same decoder; ranks it cannot read
 # go through _refresh as in the Python loop. Built at install when a compiler is
 # there (optional in pyproject.toml); without it the Python loop runs.
 try:
-    from loadsvc._shmfast import copy as _native_copy
-    from loadsvc._shmfast import install_guard as _install_guard
-    from loadsvc._shmfast import read_changed as _native_read_changed
+    from loadsvc.core._shmfast import copy as _native_copy
+    from loadsvc.core._shmfast import install_guard as _install_guard
+    from loadsvc.core._shmfast import read_changed as _native_read_changed
 except ImportError:  # not built: the Python loop, reading with os.pread
     _native_read_changed = _native_copy = _install_guard = None
 
 
 def native_read_loop() -> bool:
-    """True when loadsvc._shmfast was built, so readers run read_all's changed-rank loop in C."""
+    """True when loadsvc.core._shmfast was built, so readers run read_all's changed-rank loop in C."""
     return _native_read_changed is not None
 
 
@@ -561,10 +558,10 @@ class ShmReader:
     when it was never published (or has never been read intact).
     ``read_all()`` returns the published ranks in ascending order; when no
     rank changed it costs one copy and one comparison of the sequence words.
-    Changed ranks are read in C where loadsvc._shmfast was built (``native``),
+    Changed ranks are read in C where loadsvc.core._shmfast was built (``native``),
     else in Python; ``native=False`` asks for Python. Both give the same results.
 
-    Reads never touch the mapping unguarded: where loadsvc._shmfast was built
+    Reads never touch the mapping unguarded: where loadsvc.core._shmfast was built
     they copy out of it in C under a SIGBUS guard (no syscall), else they read
     the file with os.pread. A file truncated under the reader (by anyone who
     may write it) therefore makes ``read``, ``read_all`` and ``sequences``
@@ -577,7 +574,7 @@ class ShmReader:
                  unreachable_after: float = DEFAULT_UNREACHABLE_AFTER,
                  native: bool = True) -> None:
         self.path = Path(path) if path is not None else default_path()
-        # native=False keeps read_all in Python even where loadsvc._shmfast was built.
+        # native=False keeps read_all in Python even where loadsvc.core._shmfast was built.
         self._read_changed = _native_read_changed if native else None
         self.stale_after = stale_after
         self.unreachable_after = unreachable_after
@@ -755,7 +752,7 @@ class ShmReader:
 
     @property
     def native(self) -> bool:
-        """True when read_all's changed-rank loop runs in C (loadsvc._shmfast)."""
+        """True when read_all's changed-rank loop runs in C (loadsvc.core._shmfast)."""
         return self._read_changed is not None
 
     def sequences(self) -> list[int]:

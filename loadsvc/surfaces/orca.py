@@ -73,9 +73,9 @@ import grpc
 from xds.data.orca.v3 import orca_load_report_pb2
 from xds.service.orca.v3 import orca_pb2
 
-from loadsvc.grpc_service import DEFAULT_MAX_STREAMS
-from loadsvc.schema import Status
-from loadsvc.store import LoadStore, View, finite_mean
+from loadsvc.surfaces.grpc import DEFAULT_MAX_STREAMS
+from loadsvc.core.schema import Status
+from loadsvc.core.store import LoadStore, View, finite_mean
 
 __all__ = [
     "add_orca_service",
@@ -89,7 +89,7 @@ __all__ = [
     "TOKENS_PER_REQUEST",
 ]
 
-log = logging.getLogger("loadsvc.orca")
+log = logging.getLogger("loadsvc.surfaces.orca")
 
 ORCA_SERVICE = orca_pb2.DESCRIPTOR.services_by_name["OpenRcaService"].full_name
 MIN_REPORT_INTERVAL = 0.1  # seconds; shorter requested intervals are raised to this

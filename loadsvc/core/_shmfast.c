@@ -1,9 +1,9 @@
 /*
- * loadsvc._shmfast: the changed-rank loop of ShmReader.read_all in C.
+ * loadsvc.core._shmfast: the changed-rank loop of ShmReader.read_all in C.
  *
- * Optional: loadsvc/shm.py falls back to the same loop in Python when this
+ * Optional: loadsvc/core/region.py falls back to the same loop in Python when this
  * module was not built (no compiler at install time), and tests run both.
- * It reads the layout documented in loadsvc/shm.py and keeps its rules:
+ * It reads the layout documented in loadsvc/core/region.py and keeps its rules:
  *
  *   buffer (n & 1) of rank r, at byte offset buffers[2r + (n & 1)]:
  *     word 0 state (2n when publish n is complete), word 1 publish time ns,
@@ -371,8 +371,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "loadsvc._shmfast",
-    "The changed-rank loop of ShmReader.read_all in C (optional; see loadsvc/shm.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "loadsvc.core._shmfast",
+    "The changed-rank loop of ShmReader.read_all in C (optional; see loadsvc/core/region.py).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
@@ -385,8 +385,8 @@ PyInit__shmfast(void)
     str_publish_time_ns = PyUnicode_InternFromString("publish_time_ns");
     if (str_dp_rank == NULL || str_seq == NULL || str_publish_time_ns == NULL)
         return NULL;
-    if (ensure_handler() < 0)  /* ImportError: loadsvc/shm.py then reads with os.pread */
-        return PyErr_Format(PyExc_ImportError, "loadsvc._shmfast: cannot install a SIGBUS handler: %s",
+    if (ensure_handler() < 0)  /* ImportError: loadsvc/core/region.py then reads with os.pread */
+        return PyErr_Format(PyExc_ImportError, "loadsvc.core._shmfast: cannot install a SIGBUS handler: %s",
                             strerror(errno));
     return PyModule_Create(&module_def);
 }

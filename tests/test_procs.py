@@ -1,4 +1,4 @@
-"""loadsvc/_spawn.py: a child started by module name imports the installed loadsvc, whatever
+"""loadsvc/tools/procs.py: a child started by module name imports the installed loadsvc, whatever
 folder the current directory holds (here a decoy `loadsvc/` that raises on import)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import loadsvc
-from loadsvc._spawn import loadsvc_command, python_command
+from loadsvc.tools.procs import loadsvc_command, python_command
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_loadsvc_command_runs_the_installed_package(decoy_cwd: Path) -> None:
 
 
 def test_fleet_starts_engines_and_routers_from_that_directory(decoy_cwd: Path) -> None:
-    from loadsvc.fleet import Fleet
+    from loadsvc.tools.fleet import Fleet
 
     with Fleet() as fleet:
         engine = fleet.engine(dp_size=1)

@@ -1,4 +1,4 @@
-"""loadsvc/grpc_service.py in-process: a grpc.aio server on a free loopback port with
+"""loadsvc/surfaces/grpc.py in-process: a grpc.aio server on a free loopback port with
 add_load_services over a LoadStore, a publisher writing the region, grpc.aio clients."""
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
 from loadsvc._proto.sglang.grpc.scheduler import sglang_scheduler_pb2 as sg
 from loadsvc._proto.sglang.grpc.scheduler import sglang_scheduler_pb2_grpc as sg_grpc
-from loadsvc.grpc_service import LoadServices, add_load_services
+from loadsvc.surfaces.grpc import LoadServices, add_load_services
 from loadsvc.settings import StoreSettings
-from loadsvc.store import LoadStore
+from loadsvc.core.store import LoadStore
 
 DP_SIZE = 3
 SECTION_FIELDS = ("memory", "speculative", "lora", "disaggregation", "queues")

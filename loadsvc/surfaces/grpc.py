@@ -45,7 +45,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
-from loadsvc.store import BadRequest, LoadStore, Selection, View, response_proto
+from loadsvc.core.store import BadRequest, LoadStore, Selection, View, response_proto
 
 __all__ = ["add_load_services", "LoadServices", "LOAD_SERVICE", "SGLANG_SERVICE",
            "MAX_INTERVAL_LIMIT_MS", "MIN_HEARTBEAT_MS", "DEFAULT_MAX_INTERVAL_MS", "DEFAULT_MAX_STREAMS"]
@@ -368,7 +368,7 @@ def add_load_services(server: grpc.aio.Server, store: LoadStore, *, sglang: bool
     api_key: when set, every method except health requires metadata
     ``authorization: Bearer <api_key>`` (UNAUTHENTICATED otherwise).
     extra_services: full names of services the caller adds to the same server
-    over the same store (ORCA: loadsvc.orca.ORCA_SERVICE), listed in reflection
+    over the same store (ORCA: loadsvc.surfaces.orca.ORCA_SERVICE), listed in reflection
     and health alongside loadsvc's own.
     max_streams: WatchLoads streams open at once; one more is RESOURCE_EXHAUSTED.
     """
