@@ -12,7 +12,13 @@ README.md is the front door, docs/ the rest; proto/loadsvc/v1/loads.proto is the
 
 from typing import TYPE_CHECKING, Any
 
-from loadsvc._exceptions import BadRequest, LoadsvcError, RegionError, ServeError, SettingsError
+from loadsvc._exceptions import (
+    BadRequest,
+    LoadsvcError,
+    RegionError,
+    ServeError,
+    SettingsError,
+)
 from loadsvc._version import __version__
 from loadsvc.core.region import ShmPublisher, ShmReader, default_path, freshness
 from loadsvc.core.schema import (

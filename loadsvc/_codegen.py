@@ -33,9 +33,8 @@ def _proto_files() -> list[Path]:
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc into out_dir; return the files written (relative to out_dir)."""
-    from grpc_tools import protoc  # only needed to regenerate (test extra)
-
     import grpc_tools
+    from grpc_tools import protoc  # only needed to regenerate (test extra)
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     files = [str(p.relative_to(PROTO_DIR)) for p in _proto_files()]

@@ -22,8 +22,8 @@ import socket
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
-from loadsvc.surfaces.limits import BodyLimit, ConnectionGuard, uvicorn_config
 from loadsvc.settings import HttpLimits
+from loadsvc.surfaces.limits import BodyLimit, ConnectionGuard, uvicorn_config
 
 __all__ = ["bind_tcp", "quiet_uvicorn", "serve_until_signal", "run"]
 

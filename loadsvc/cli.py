@@ -20,6 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from loadsvc._version import __version__
+from loadsvc.core.region import (
+    DEFAULT_STALE_AFTER,
+    DEFAULT_UNREACHABLE_AFTER,
+    default_path,
+)
 from loadsvc.settings import (
     ClientSettings,
     CurveClientSettings,
@@ -34,7 +39,6 @@ from loadsvc.settings import (
     StoreSettings,
     TlsSettings,
 )
-from loadsvc.core.region import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
 
 API_KEY_ENV = "LOADSVC_API_KEY"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

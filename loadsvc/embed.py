@@ -26,10 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loadsvc.surfaces.orca import MIN_REPORT_INTERVAL, ORCA_SERVICE, OrcaService, add_orca_service
-from loadsvc.settings import StoreSettings
-from loadsvc.core.region import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
+from loadsvc.core.region import (
+    DEFAULT_STALE_AFTER,
+    DEFAULT_UNREACHABLE_AFTER,
+    default_path,
+)
 from loadsvc.core.store import LoadStore
+from loadsvc.settings import StoreSettings
+from loadsvc.surfaces.orca import (
+    MIN_REPORT_INTERVAL,
+    ORCA_SERVICE,
+    OrcaService,
+    add_orca_service,
+)
 
 if TYPE_CHECKING:
     import grpc

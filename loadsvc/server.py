@@ -43,11 +43,16 @@ import grpc
 from loadsvc._exceptions import ServeError
 from loadsvc._hosting import bind_tcp
 from loadsvc._hosting import run as run_loop
-from loadsvc.surfaces.limits import ConnectionGuard, grpc_options, server_ssl_context, uvicorn_config
-from loadsvc.surfaces.grpc import LoadServices, add_load_services
-from loadsvc.surfaces.orca import ORCA_SERVICE, OrcaService, add_orca_service
-from loadsvc.settings import ServeSettings
 from loadsvc.core.store import LoadStore
+from loadsvc.settings import ServeSettings
+from loadsvc.surfaces.grpc import LoadServices, add_load_services
+from loadsvc.surfaces.limits import (
+    ConnectionGuard,
+    grpc_options,
+    server_ssl_context,
+    uvicorn_config,
+)
+from loadsvc.surfaces.orca import ORCA_SERVICE, OrcaService, add_orca_service
 
 __all__ = ["serve", "run_serve", "ServeError", "GRPC_OPTIONS", "MAX_REQUEST_BYTES"]
 

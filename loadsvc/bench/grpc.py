@@ -40,10 +40,19 @@ import time
 import uuid
 from typing import Any
 
-from loadsvc.tools.procs import loadsvc_command
-from loadsvc.bench import (cpu_model, cpu_seconds, free_port, gocall, percentile, process_tree, reap, stop_process,
-                           wait_listening)
+from loadsvc.bench import (
+    cpu_model,
+    cpu_seconds,
+    free_port,
+    gocall,
+    percentile,
+    process_tree,
+    reap,
+    stop_process,
+    wait_listening,
+)
 from loadsvc.core.region import default_path
+from loadsvc.tools.procs import loadsvc_command
 
 __all__ = ["run"]
 

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc.tools.procs import loadsvc_command, python_command
 from loadsvc.bench import cpu_seconds, free_port, percentile, stop_process
+from loadsvc.tools.procs import loadsvc_command, python_command
 
 TARGET_P99_MS = 5.0
 RANKS = 8

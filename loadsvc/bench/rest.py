@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc.tools.procs import python_command
 from loadsvc.bench import free_port, machine_summary
+from loadsvc.tools.procs import python_command
 
 RANKS = 8
 RATE_HZ = 100.0
@@ -63,7 +63,13 @@ end
 
 
 def _snapshot(rank: int, tick: int, rng: random.Random) -> Any:
-    from loadsvc import DisaggregationMetrics, LoadSnapshot, MemoryMetrics, QueueMetrics, SpeculativeMetrics
+    from loadsvc import (
+        DisaggregationMetrics,
+        LoadSnapshot,
+        MemoryMetrics,
+        QueueMetrics,
+        SpeculativeMetrics,
+    )
 
     running = 20 + (rank * 7 + tick) % 200
     waiting = rng.randrange(0, 40)
@@ -139,9 +145,9 @@ def _uvicorn(app: Any, port: int) -> None:
 
 
 def _serve_loadsvc(shm: Path, port: int) -> None:
-    from loadsvc.surfaces.rest import create_app
-    from loadsvc.settings import StoreSettings
     from loadsvc.core.store import LoadStore
+    from loadsvc.settings import StoreSettings
+    from loadsvc.surfaces.rest import create_app
 
     _uvicorn(create_app(LoadStore(StoreSettings(shm=shm))), port)
 

@@ -43,8 +43,8 @@ from typing import Any
 
 import msgspec
 
-from loadsvc.core.schema import LoadSnapshot, MemoryMetrics, QueueMetrics, to_dict
 from loadsvc.core.region import ShmPublisher, ShmReader, default_path, native_read_loop
+from loadsvc.core.schema import LoadSnapshot, MemoryMetrics, QueueMetrics, to_dict
 
 __all__ = ["run", "Baseline"]
 

@@ -36,8 +36,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadsvc.bench import (
+    cpu_seconds,
+    free_port,
+    machine_summary,
+    percentile,
+    reap,
+    stop_process,
+    wait_listening,
+)
 from loadsvc.tools.procs import loadsvc_command
-from loadsvc.bench import cpu_seconds, free_port, machine_summary, percentile, reap, stop_process, wait_listening
 
 __all__ = ["run", "RSS_GROWTH_BOUND_MB"]
 

@@ -31,8 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadsvc.bench import (
+    free_port,
+    machine_summary,
+    percentile,
+    stop_process,
+    wait_listening,
+)
 from loadsvc.tools.procs import loadsvc_command, python_command
-from loadsvc.bench import free_port, machine_summary, percentile, stop_process, wait_listening
 
 TARGET_ADDED_US = 10.0
 TARGET_LAG_P99_MS = 5.0

@@ -80,10 +80,15 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from loadsvc.core import schema
-from loadsvc.core.schema import LoadSnapshot
 from loadsvc.core.region import PwritePublisher, RegionError, ShmPublisher, ShmReader
-from loadsvc.relay.frame import (FRAME_HEADER, FRAME_MAGIC, FRAME_VERSION, HANDSHAKE_FAILED_EVENTS,
-                                  set_heartbeats)
+from loadsvc.core.schema import LoadSnapshot
+from loadsvc.relay.frame import (
+    FRAME_HEADER,
+    FRAME_MAGIC,
+    FRAME_VERSION,
+    HANDSHAKE_FAILED_EVENTS,
+    set_heartbeats,
+)
 from loadsvc.relay.keys import load_secret
 from loadsvc.settings import CollectorSettings, CurveServerSettings
 

@@ -21,7 +21,12 @@ from zmq.utils.monitor import recv_monitor_message
 from loadsvc.core import schema
 from loadsvc.core.region import DEFAULT_PAYLOAD_CAPACITY
 from loadsvc.core.schema import LoadSnapshot
-from loadsvc.relay.frame import FRAME_HEADER, HANDSHAKE_FAILED_EVENTS, MAGIC_VERSION, set_heartbeats
+from loadsvc.relay.frame import (
+    FRAME_HEADER,
+    HANDSHAKE_FAILED_EVENTS,
+    MAGIC_VERSION,
+    set_heartbeats,
+)
 from loadsvc.relay.keys import load_public, load_secret
 from loadsvc.settings import CurveClientSettings
 

@@ -45,7 +45,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
-from loadsvc.core.store import BadRequest, LoadStore, Selection, View, response_proto
+from loadsvc.core.store import BadRequest, LoadStore, Selection, View
+from loadsvc.surfaces.encode import response_proto
 
 __all__ = ["add_load_services", "LoadServices", "LOAD_SERVICE", "SGLANG_SERVICE",
            "MAX_INTERVAL_LIMIT_MS", "MIN_HEARTBEAT_MS", "DEFAULT_MAX_INTERVAL_MS", "DEFAULT_MAX_STREAMS"]

@@ -73,9 +73,9 @@ import grpc
 from xds.data.orca.v3 import orca_load_report_pb2
 from xds.service.orca.v3 import orca_pb2
 
-from loadsvc.surfaces.grpc import DEFAULT_MAX_STREAMS
 from loadsvc.core.schema import Status
 from loadsvc.core.store import LoadStore, View, finite_mean
+from loadsvc.surfaces.grpc import DEFAULT_MAX_STREAMS
 
 __all__ = [
     "add_orca_service",

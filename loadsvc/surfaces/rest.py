@@ -53,12 +53,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
 
+from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._version import __version__
 from loadsvc.core import schema
-from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.core.schema import SECTIONS, Status
-from loadsvc.core.store import (INCLUDE_TOKENS, MAX_INCLUDE_CHARS, MAX_INCLUDE_TOKENS, MAX_INCLUDE_VALUES,
-                           BadRequest, LoadStore, Selection, View, response_dict)
+from loadsvc.core.store import (
+    INCLUDE_TOKENS,
+    MAX_INCLUDE_CHARS,
+    MAX_INCLUDE_TOKENS,
+    MAX_INCLUDE_VALUES,
+    BadRequest,
+    LoadStore,
+    Selection,
+    View,
+)
+from loadsvc.surfaces.encode import response_dict
 
 __all__ = ["create_router", "create_app", "PROMETHEUS_CONTENT_TYPE"]
 

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from loadsvc._exceptions import LoadsvcError
-from loadsvc.tools.procs import loadsvc_command
-from loadsvc.settings import DemoSettings
 from loadsvc.core.region import default_path
+from loadsvc.settings import DemoSettings
+from loadsvc.tools.procs import loadsvc_command
 
 __all__ = ["run_demo"]
 

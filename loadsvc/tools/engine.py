@@ -71,13 +71,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loadsvc._exceptions import LoadsvcError
-from loadsvc._version import __version__
 from loadsvc._hosting import bind_tcp, run, serve_until_signal
-from loadsvc.surfaces.limits import grpc_options
-from loadsvc.embed import add_to_grpc_server, loads_router, open_store
-from loadsvc.core.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
-from loadsvc.settings import EngineSettings, GrpcLimits
+from loadsvc._version import __version__
 from loadsvc.core.region import RegionError, ShmPublisher, default_path
+from loadsvc.core.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
+from loadsvc.embed import add_to_grpc_server, loads_router, open_store
+from loadsvc.settings import EngineSettings, GrpcLimits
+from loadsvc.surfaces.limits import grpc_options
 
 __all__ = ["Engine", "EngineError", "run_engine", "prompt_tokens", "region_path"]
 

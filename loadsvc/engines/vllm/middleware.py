@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from loadsvc.core.store import LoadStore
 from loadsvc.embed import open_store
 from loadsvc.engines.vllm.settings import VllmSettings
 from loadsvc.surfaces.rest import loads_responder
-from loadsvc.core.store import LoadStore
 
 __all__ = ["LoadsMiddleware"]
 
@@ -44,7 +44,9 @@ class LoadsMiddleware:
                                unreachable_after=settings.unreachable_after)
             api_key = api_key if api_key is not None else settings.api_key
         if registry is None:
-            from prometheus_client import REGISTRY as registry  # the host's /metrics shows the counters
+            from prometheus_client import (
+                REGISTRY as registry,  # the host's /metrics shows the counters
+            )
         self.store = store
         self._respond = loads_responder(store, api_key=api_key, registry=registry)
 

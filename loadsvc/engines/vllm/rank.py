@@ -52,7 +52,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from loadsvc.core.schema import LoadSnapshot, LoRAMetrics, QueueMetrics, SpeculativeMetrics
+from loadsvc.core.schema import (
+    LoadSnapshot,
+    LoRAMetrics,
+    QueueMetrics,
+    SpeculativeMetrics,
+)
 
 __all__ = ["EngineLimits", "EngineRank", "RankCounters"]
 

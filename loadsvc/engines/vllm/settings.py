@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadsvc._exceptions import SettingsError
-from loadsvc.core.region import DEFAULT_STALE_AFTER, DEFAULT_UNREACHABLE_AFTER, default_path
+from loadsvc.core.region import (
+    DEFAULT_STALE_AFTER,
+    DEFAULT_UNREACHABLE_AFTER,
+    default_path,
+)
 
 __all__ = ["VllmSettings", "SettingsError"]
 

@@ -29,9 +29,9 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from loadsvc.core.region import ShmPublisher
 from loadsvc.engines.vllm.rank import EngineLimits, EngineRank
 from loadsvc.engines.vllm.settings import SettingsError, VllmSettings
-from loadsvc.core.region import ShmPublisher
 
 __all__ = ["LoadsvcStatLogger", "engine_limits"]
 
