@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,17 +32,11 @@ from loadsvc.core.region import (
 )
 from loadsvc.core.store import LoadStore
 from loadsvc.settings import StoreSettings
-from loadsvc.surfaces.orca import (
-    MIN_REPORT_INTERVAL,
-    ORCA_SERVICE,
-    OrcaService,
-    add_orca_service,
-)
+from loadsvc.surfaces.orca import MIN_REPORT_INTERVAL
+from loadsvc.surfaces.services import GrpcSurfaces, add_grpc_surfaces
 
 if TYPE_CHECKING:
     import grpc
-
-    from loadsvc.surfaces.grpc import LoadServices
 
 __all__ = ["open_store", "loads_router", "add_to_grpc_server", "GrpcSurfaces"]
 
@@ -84,20 +77,6 @@ def loads_router(store: LoadStore, *, api_key: str | None = None, health: bool =
     return create_router(store, api_key=api_key, registry=registry, health=health, metrics=metrics)
 
 
-@dataclass(frozen=True)
-class GrpcSurfaces:
-    """What add_to_grpc_server added: the load services and the ORCA service (None if off)."""
-
-    load: LoadServices
-    orca: OrcaService | None
-
-    async def aclose(self) -> None:
-        """Health NOT_SERVING, end WatchLoads and ORCA streams; call before ``server.stop(grace)``."""
-        if self.orca is not None:
-            self.orca.close()
-        await self.load.aclose()
-
-
 def add_to_grpc_server(server: grpc.aio.Server, store: LoadStore, *, sglang: bool = True,
                        orca: bool = True, orca_ranks: Sequence[int] | None = None,
                        health: bool = True, reflection: bool = True,
@@ -109,13 +88,8 @@ def add_to_grpc_server(server: grpc.aio.Server, store: LoadStore, *, sglang: boo
     for an engine that already serves ``SglangScheduler``), ORCA
     ``OpenRcaService`` (reporting for orca_ranks, default every rank), health and
     reflection. api_key guards every method but health and ORCA (see loadsvc.surfaces.orca).
+    Call it from async code; ``await surfaces.aclose()`` before ``server.stop()``.
     """
-    from loadsvc.surfaces.grpc import add_load_services
-
-    load = add_load_services(server, store, sglang=sglang, health=health, reflection=reflection,
-                             api_key=api_key, extra_services=(ORCA_SERVICE,) if orca else ())
-    orca_service = None
-    if orca:
-        orca_service = add_orca_service(server, store, ranks=orca_ranks,
-                                        min_report_interval=orca_min_report_interval)
-    return GrpcSurfaces(load, orca_service)
+    return add_grpc_surfaces(server, store, sglang=sglang, orca=orca, orca_ranks=orca_ranks,
+                             health=health, reflection=reflection, api_key=api_key,
+                             orca_min_report_interval=orca_min_report_interval)

@@ -45,14 +45,15 @@ from loadsvc._hosting import bind_tcp
 from loadsvc._hosting import run as run_loop
 from loadsvc.core.store import LoadStore
 from loadsvc.settings import ServeSettings
-from loadsvc.surfaces.grpc import LoadServices, add_load_services
+from loadsvc.surfaces.grpc import LoadServices
 from loadsvc.surfaces.limits import (
     ConnectionGuard,
     grpc_options,
     server_ssl_context,
     uvicorn_config,
 )
-from loadsvc.surfaces.orca import ORCA_SERVICE, OrcaService, add_orca_service
+from loadsvc.surfaces.orca import OrcaService
+from loadsvc.surfaces.services import add_grpc_surfaces
 
 __all__ = ["serve", "run_serve", "ServeError", "GRPC_OPTIONS", "MAX_REQUEST_BYTES"]
 
@@ -118,10 +119,10 @@ def _grpc_server(settings: ServeSettings, store: LoadStore, *,
     options = [(k, int(shared_port) if k == "grpc.so_reuseport" else v) for k, v in GRPC_OPTIONS]
     options += grpc_options(settings.grpc_limits)
     server = grpc.aio.server(options=options)
-    services = add_load_services(server, store, api_key=settings.api_key, extra_services=(ORCA_SERVICE,),
+    surfaces = add_grpc_surfaces(server, store, api_key=settings.api_key, orca_ranks=settings.orca_ranks,
                                  max_streams=settings.max_streams)
-    orca = add_orca_service(server, store, ranks=settings.orca_ranks, max_streams=settings.max_streams)
-    return server, services, orca
+    assert surfaces.orca is not None
+    return server, surfaces.load, surfaces.orca
 
 
 class _StreamMetrics:

@@ -1,7 +1,8 @@
 """The surfaces: how a store's view reaches routers.
 
     grpc.py     loadsvc.v1.LoadService (GetLoads, WatchLoads), SGLang's GetLoads, health,
-                reflection; add_grpc_surfaces() puts every gRPC service on a server
+                reflection
+    services.py add_grpc_surfaces(): every gRPC service (those and ORCA) on one server
     orca.py     ORCA's OpenRcaService/StreamCoreMetrics for weighted round robin clients
     rest.py     GET /v1/loads (JSON, Prometheus), /health, /metrics on FastAPI
     encode.py   a view as JSON and as protobuf (shared by gRPC and REST)

@@ -137,19 +137,15 @@ class LoadServices:
         names = ("", *self.service_names)
         if self._closed:
             return  # shutting down: enter_graceful_shutdown() set NOT_SERVING for good
-        if initial:
-            # No Watch can be running before the server starts, so setting the
-            # map directly is what HealthServicer.set() itself would do.
-            for name in names:
-                self.health._server_status[name] = status
-            return
-        log.info("health: %s", "SERVING" if attached else "NOT_SERVING (region not attached)")
+        if not initial:
+            log.info("health: %s", "SERVING" if attached else "NOT_SERVING (region not attached)")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            for name in names:
-                self.health._server_status[name] = status
-            return
+            raise RuntimeError("loadsvc's gRPC services need a running event loop: add them from async "
+                               "code, before server.start() (grpc.aio)") from None
+        # HealthServicer.set() is a coroutine: tasks on the serving loop. The initial
+        # ones run before server.start() returns, so no Check sees an unset service.
         for name in names:
             task = loop.create_task(self.health.set(name, status))
             self._health_tasks.add(task)
@@ -349,7 +345,7 @@ class LoadServices:
 
 
 def _reflection_servicer(names: tuple[str, ...], services: LoadServices) -> Any:
-    from grpc_reflection.v1alpha import _async as reflection_aio
+    from grpc_reflection.v1alpha.reflection import aio as reflection_aio
 
     class _Reflection(reflection_aio.ReflectionServicer):  # type: ignore[misc]
         async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> Any:
