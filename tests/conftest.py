@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,37 +29,12 @@ from typing import Any
 import pytest
 
 from loadsvc import default_path
+from loadsvc.tools.procs import free_port, port_answers, port_in_use  # noqa: F401  (tests import them from here)
 
 # Every Python the tests start (`python -m loadsvc ...`, `python -c ...`) imports the installed
 # loadsvc, never a `loadsvc/` folder of the current directory (as loadsvc/tools/procs.py does for the
 # processes loadsvc itself starts).
 os.environ.setdefault("PYTHONSAFEPATH", "1")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on at 127.0.0.1 (bound to port 0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when port can be bound again (nobody listening on it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def port_answers(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import wait_for
+
 from loadsvc import LoadSnapshot, ShmPublisher, default_path
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.bench import gocall

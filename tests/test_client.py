@@ -24,9 +24,16 @@ from typing import Any
 
 import grpc
 import pytest
-
 from conftest import free_port, start_serve
-from loadsvc import LoadSnapshot, MemoryMetrics, QueueMetrics, ShmPublisher, ShmReader, default_path
+
+from loadsvc import (
+    LoadSnapshot,
+    MemoryMetrics,
+    QueueMetrics,
+    ShmPublisher,
+    ShmReader,
+    default_path,
+)
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc
 

@@ -20,13 +20,13 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from conftest import free_port, port_in_use
 
-from conftest import free_port, port_is_free
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc
+from loadsvc.settings import DemoSettings
 from loadsvc.tools import demo as demo_module
 from loadsvc.tools.demo import run_demo
-from loadsvc.settings import DemoSettings
 
 READY = "Ctrl-C stops the demo."
 
@@ -136,7 +136,7 @@ def test_demo_serves_four_moving_ranks_and_stops_on_sigint(demo_process):
     assert time.monotonic() - start < 8
     assert all(gone(pid) for pid in children)
     assert not region.exists()
-    assert port_is_free(demo.grpc_port) and port_is_free(demo.http_port)
+    assert not port_in_use(demo.grpc_port) and not port_in_use(demo.http_port)
     assert "Traceback" not in demo.proc.stderr.read()
 
 
@@ -176,7 +176,7 @@ def test_demo_stops_everything_when_a_child_dies(demo_process):
     err = demo.proc.stderr.read()
     assert "the simulator exited with code -9" in err
     assert gone(server) and not region.exists()
-    assert port_is_free(demo.grpc_port) and port_is_free(demo.http_port)
+    assert not port_in_use(demo.grpc_port) and not port_in_use(demo.http_port)
 
 
 @pytest.mark.parametrize("which, flag", [("http", "--http-port"), ("grpc", "--grpc-port")])

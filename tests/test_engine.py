@@ -17,11 +17,11 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from conftest import wait_for
 
 from loadsvc import ShmReader
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.tools.engine import prompt_tokens
-from conftest import wait_for
 from loadsvc.tools.fleet import EngineProc, Fleet
 
 pytestmark = pytest.mark.timeout(120)

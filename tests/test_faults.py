@@ -21,8 +21,8 @@ copies or pread, the collector writes with pwrite) and detaches instead.
 from __future__ import annotations
 
 import errno
-import os
 import functools
+import os
 import signal
 import subprocess
 import sys
@@ -33,13 +33,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import conftest
 import grpc
 import httpx
 import pytest
+from conftest import ServeProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import conftest
-from conftest import ServeProcess
 from loadsvc import LoadSnapshot, ShmPublisher, ShmReader
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
@@ -250,6 +250,7 @@ def test_region_truncated_under_serve_and_a_reader(shm_path: Path, serve_process
 def test_region_truncated_under_serve_with_collector(shm_path: Path, serve_process: Any) -> None:
     """The collector writes into the region inside serve: a truncation must not SIGBUS serve."""
     from conftest import free_port
+
     from loadsvc import ZmqPublisher
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"

@@ -26,16 +26,23 @@ import grpc
 import msgspec
 import pytest
 import zmq
+from conftest import ServeProcess, start_serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ServeProcess, start_serve
-from loadsvc import LoadSnapshot, MemoryMetrics, QueueMetrics, ShmPublisher, ShmReader, default_path
-from loadsvc.core import region as shm_mod
+from loadsvc import (
+    LoadSnapshot,
+    MemoryMetrics,
+    QueueMetrics,
+    ShmPublisher,
+    ShmReader,
+    default_path,
+)
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
-from loadsvc.relay import FRAME_HEADER, REJECT_REASONS, Collector, encode_frame
-from loadsvc.settings import ServeSettings, StoreSettings
+from loadsvc.core import region as shm_mod
 from loadsvc.core.region import RegionError
+from loadsvc.relay import FRAME_HEADER, REJECT_REASONS, Collector, encode_frame
+from loadsvc.settings import CollectorSettings, StoreSettings
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -236,7 +243,7 @@ def test_checksum_valid_garbage_is_never_served_and_never_raises(payload: bytes)
 
 
 def _collector(path: Path, dp_size: int, endpoint: str = "tcp://127.0.0.1:0") -> Collector:
-    return Collector(ServeSettings(store=StoreSettings(shm=path, dp_size=dp_size), collect=endpoint))
+    return Collector(CollectorSettings(endpoint=endpoint, shm=path, dp_size=dp_size))
 
 
 _VALID_PAYLOAD = msgspec.msgpack.encode(_snapshot(0, 3))
@@ -351,8 +358,8 @@ SCHEMA_DP_SIZE = 4
 @pytest.fixture(scope="module")
 def rest_schema() -> Iterator[Any]:
     """The standalone app (rest.create_app) over a region with 3 of 4 ranks published, as ASGI."""
-    from loadsvc.surfaces.rest import create_app
     from loadsvc.core.store import LoadStore
+    from loadsvc.surfaces.rest import create_app
 
     path = _region_path()
     pubs = [ShmPublisher(path, dp_size=SCHEMA_DP_SIZE, dp_rank=r) for r in range(3)]

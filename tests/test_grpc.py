@@ -15,10 +15,10 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import free_port
 from loadsvc import (
     DisaggregationMetrics,
     LoadSnapshot,
@@ -33,9 +33,9 @@ from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
 from loadsvc._proto.sglang.grpc.scheduler import sglang_scheduler_pb2 as sg
 from loadsvc._proto.sglang.grpc.scheduler import sglang_scheduler_pb2_grpc as sg_grpc
-from loadsvc.surfaces.grpc import LoadServices, add_load_services
-from loadsvc.settings import StoreSettings
 from loadsvc.core.store import LoadStore
+from loadsvc.settings import StoreSettings
+from loadsvc.surfaces.grpc import LoadServices, add_load_services
 
 DP_SIZE = 3
 SECTION_FIELDS = ("memory", "speculative", "lora", "disaggregation", "queues")

@@ -27,9 +27,9 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from conftest import ServeProcess, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ServeProcess, free_port, wait_for
 from loadsvc import LoadSnapshot, ShmPublisher
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc

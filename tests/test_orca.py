@@ -24,6 +24,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from loadsvc import LoadSnapshot, ShmPublisher
+from loadsvc.core.store import LoadStore
 from loadsvc.embed import add_to_grpc_server, open_store
 from loadsvc.surfaces.orca import (
     DEFAULT_REPORT_INTERVAL,
@@ -37,7 +38,6 @@ from loadsvc.surfaces.orca import (
     add_orca_service,
     rank_utilization,
 )
-from loadsvc.core.store import LoadStore
 
 JS_DIR = Path(__file__).parent / "js"
 ORCA_METHOD = f"/{ORCA_SERVICE}/StreamCoreMetrics"

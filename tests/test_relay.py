@@ -18,21 +18,33 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import conftest
 import msgspec
 import pytest
 import zmq
 import zmq.auth
+from conftest import free_port
 from prometheus_client import CollectorRegistry
 
-import conftest
-from conftest import free_port
+from loadsvc.core.region import ShmPublisher, ShmReader, create_region
+from loadsvc.core.schema import (
+    SCHEMA_FINGERPRINT,
+    DisaggregationMetrics,
+    LoadSnapshot,
+    MemoryMetrics,
+    QueueMetrics,
+    Status,
+)
+from loadsvc.relay import (
+    FRAME_HEADER,
+    Collector,
+    ZmqPublisher,
+    encode_frame,
+    generate_keys,
+)
 from loadsvc.relay import collector as relay_collector
 from loadsvc.relay import publisher as relay_publisher
-from loadsvc.relay import FRAME_HEADER, Collector, ZmqPublisher, encode_frame, generate_keys
-from loadsvc.core.schema import (SCHEMA_FINGERPRINT, DisaggregationMetrics, LoadSnapshot, MemoryMetrics,
-                            QueueMetrics, Status)
 from loadsvc.settings import CollectorSettings, CurveClientSettings, CurveServerSettings
-from loadsvc.core.region import ShmPublisher, ShmReader, create_region
 
 DP = 4
 
@@ -654,7 +666,8 @@ def test_collector_counts_and_rate_limits_its_log(shm_path, caplog):
 
 
 def test_random_input_never_raises_and_never_reaches_the_region(shm_path):
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     c = Collector(settings_for(shm_path), CollectorRegistry())
     enc = msgspec.msgpack.encode

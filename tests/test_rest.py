@@ -21,11 +21,11 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import free_port, port_answers
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, port_answers
 from loadsvc import (
     DisaggregationMetrics,
     LoadSnapshot,
@@ -36,10 +36,10 @@ from loadsvc import (
     SpeculativeMetrics,
     __version__,
 )
-from loadsvc.surfaces import rest
 from loadsvc.core.schema import to_dict
-from loadsvc.settings import StoreSettings
 from loadsvc.core.store import LoadStore, Selection
+from loadsvc.settings import StoreSettings
+from loadsvc.surfaces import rest
 
 # The twelve keys of SGLang's SchedulerLoad JSON that every rank always carries.
 SGLANG_CORE_KEYS = (

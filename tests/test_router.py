@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import drive
+
 from loadsvc.tools.fleet import EngineProc, Fleet
 from loadsvc.tools.router import parse_worker
 

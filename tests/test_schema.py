@@ -22,9 +22,9 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 import loadsvc
-from loadsvc.core import schema
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.sglang.grpc.scheduler import sglang_scheduler_pb2 as sg
+from loadsvc.core import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,10 +30,10 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from conftest import ServeProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import ServeProcess
 from loadsvc import LoadSnapshot, ShmPublisher
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
@@ -390,10 +390,10 @@ def test_an_empty_or_blank_api_key_is_refused(shm_path: Path, command: str, how:
 
 
 async def test_an_empty_api_key_is_refused_from_python(shm_path: Path) -> None:
-    from loadsvc.surfaces.rest import create_app
+    from loadsvc.core.store import LoadStore
     from loadsvc.server import ServeError, serve
     from loadsvc.settings import ServeSettings, StoreSettings
-    from loadsvc.core.store import LoadStore
+    from loadsvc.surfaces.rest import create_app
 
     with pytest.raises(ServeError, match="empty"):
         await serve(ServeSettings(StoreSettings(shm=shm_path), api_key=" "))
@@ -407,10 +407,10 @@ async def test_an_empty_api_key_is_refused_from_python(shm_path: Path) -> None:
 
 async def test_api_key_is_compared_in_constant_time(shm_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both surfaces check the key with hmac.compare_digest (a spy sees every comparison)."""
+    from loadsvc.core.store import LoadStore
+    from loadsvc.settings import StoreSettings
     from loadsvc.surfaces.grpc import add_load_services
     from loadsvc.surfaces.rest import create_app
-    from loadsvc.settings import StoreSettings
-    from loadsvc.core.store import LoadStore
 
     compared: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest

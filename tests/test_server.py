@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from conftest import free_port, port_in_use, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import free_port, port_is_free, wait_for
 from loadsvc import LoadSnapshot, MemoryMetrics, ShmPublisher
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
@@ -115,7 +115,7 @@ def test_serve_surfaces_and_sigterm(shm_path: Path, serve_process: Any, channel_
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert server.proc.wait(10) == 0
         assert time.monotonic() - t0 < 5
-    assert port_is_free(server.grpc_port) and port_is_free(server.http_port)
+    assert not port_in_use(server.grpc_port) and not port_in_use(server.http_port)
     server.wait_for_log("stopped")
 
 
@@ -203,7 +203,7 @@ async def test_serve_in_process_ready_and_stop(shm_path: Path) -> None:
             assert body["loads"][0]["num_running_reqs"] == 3
             stop.set()
             await asyncio.wait_for(task, 5)
-    assert port_is_free(settings.grpc_port) and port_is_free(settings.http_port)
+    assert not port_in_use(settings.grpc_port) and not port_in_use(settings.http_port)
 
 
 @pytest.fixture
@@ -334,7 +334,7 @@ def test_serve_grpc_workers_share_the_port(shm_path: Path, serve_process: Any, c
         for ch in channels:
             ch.close()
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-    assert port_is_free(server.grpc_port) and port_is_free(server.http_port)
+    assert not port_in_use(server.grpc_port) and not port_in_use(server.http_port)
 
 
 def test_serve_grpc_workers_port_in_use_fails_with_a_message(shm_path: Path) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from conftest import drive, wait_for
 
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
-from conftest import drive, wait_for
 from loadsvc.tools.fleet import EngineProc, Fleet, smg_available
 
 pytestmark = [pytest.mark.timeout(90),

@@ -28,8 +28,8 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-
 from conftest import wait_for
+
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
 from loadsvc.bench import vllm_env

@@ -2,12 +2,10 @@
 
 import os
 import platform
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
+
+from loadsvc.tools.procs import free_port, stop_process, wait_listening  # noqa: F401  (the benches' helpers)
 
 
 def cpu_model() -> str:
@@ -25,13 +23,6 @@ def machine_summary() -> str:
     """CPU, CPU count, kernel and Python: the line every benchmark prints first."""
     return (f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on at 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -65,33 +56,6 @@ def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
     return sorted_values[min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))]
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """Until 127.0.0.1:port accepts a connection; RuntimeError if proc (loadsvc serve) exits or is late."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"loadsvc serve exited with {proc.returncode} before listening") from None
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"loadsvc serve did not listen on port {port} within {timeout} s") from None
-            time.sleep(0.05)
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    """SIGTERM proc if it still runs, wait up to timeout s, then SIGKILL; its exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 def reap(children: list[Any], timeout: float = 10.0) -> None:

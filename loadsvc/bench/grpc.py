@@ -21,7 +21,7 @@ on `loadsvc serve` as it starts by default, one process; the same run measures
 
 Every subscriber must end on the last published sequence of rank 0 (a slow
 subscriber may skip intermediate states by design; the share delivered is shown).
-Targets (issue 3): GetLoads p99 < 2 ms; WatchLoads p99 < 100 ms and every
+Targets (docs/benchmarks/grpc.md): GetLoads p99 < 2 ms; WatchLoads p99 < 100 ms and every
 subscriber sees the final state.
 """
 

@@ -11,7 +11,7 @@ a shared flock around every read, every slot decoded with msgspec into dicts,
 and the response dicts built on every request and serialized by FastAPI.
 Both servers run uvicorn with uvloop and httptools, one worker, access log off,
 each in its own process; the two are measured in alternating rounds and each side's
-median round is reported. Targets (issue 3): loadsvc serves at least 3x the
+median round is reported. Targets (docs/benchmarks/rest.md): loadsvc serves at least 3x the
 baseline's requests/s at no more than a third of its p99 latency.
 """
 

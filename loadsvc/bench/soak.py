@@ -18,7 +18,7 @@ excess is the publisher being descheduled on a busy machine, not loadsvc).
 Pass (exit 0) when: no REST or watch errors, every subscriber ends on the final
 published sequences, the server answers with all 8 ranks at the end and stops
 cleanly, and RSS grows by at most RSS_GROWTH_BOUND_MB from warm-up to the end.
-Nothing here is a test: run it by hand (README records a 10-minute run).
+Nothing here is a test: run it by hand (docs/benchmarks/soak.md records a 10-minute run).
 """
 
 from __future__ import annotations

@@ -667,7 +667,7 @@ def create_app(store: LoadStore, *, api_key: str | None = None,
                registry: CollectorRegistry | None = None) -> FastAPI:
     """A FastAPI app serving create_router(store); its lifespan starts the store's poll task."""
     app = _App(title="loadsvc", version=__version__,
-               description="Per-rank load of LLM inference engines (see loadsvc's README).")
+               description="Per-rank load of LLM inference engines (see loadsvc's docs/rest.md).")
     router, app._loads = _build(store, api_key, registry)
     app.include_router(router)
     return app

@@ -30,7 +30,6 @@ import importlib.util
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Any
 from loadsvc._exceptions import LoadsvcError
 from loadsvc.core.region import default_path
 from loadsvc.settings import DemoSettings
-from loadsvc.tools.procs import loadsvc_command
+from loadsvc.tools.procs import free_port, loadsvc_command, port_in_use
 
 __all__ = ["run_demo"]
 
@@ -68,28 +67,6 @@ def _say(text: str = "") -> None:
 
 def _error(text: str) -> None:
     print(f"loadsvc demo: {text}", file=sys.stderr, flush=True)
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    """True when something listens on host:port (a plain bind with SO_REUSEADDR fails)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return False  # the server reports an unresolvable host itself
-    family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError:
-            return True
-    return False
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -145,29 +122,29 @@ def _resolve_ports(settings: DemoSettings) -> tuple[_Ports, list[str]]:
             raise DemoError(f"{given[port]} and {flag} are both {port}; give them different ports", code=2)
         given[port] = flag
     for _, port, _, flag, what in wanted:
-        if port is not None and _port_in_use(host, port):
+        if port is not None and port_in_use(port, host):
             raise DemoError(f"port {port} on {host} ({what}) is already in use, perhaps by "
                             f"another loadsvc demo or serve; pick another with {flag} PORT")
     taken, chosen, notes = set(given), dict[str, int](), list[str]()
 
-    def free_port() -> int:
-        port = _free_port(host)
+    def untaken_port() -> int:
+        port = free_port(host)
         while port in taken:
-            port = _free_port(host)
+            port = free_port(host)
         return port
 
     for key, port, default, flag, what in wanted:
         if port is None:
             port = default
-            if port in taken or _port_in_use(host, port):
-                port = free_port()
+            if port in taken or port_in_use(port, host):
+                port = untaken_port()
                 notes.append(f"port {default} ({what}) is in use; using {port} instead ({flag} PORT "
                              "picks one)")
         taken.add(port)
         chosen[key] = port
     if settings.engine:  # only the router's URL is in the examples: the engine takes free ports
         for key in ("engine_http", "engine_grpc"):
-            chosen[key] = free_port()
+            chosen[key] = untaken_port()
             taken.add(chosen[key])
     return _Ports(**chosen), notes
 

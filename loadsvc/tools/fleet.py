@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import Any
 import httpx
 
 from loadsvc._exceptions import LoadsvcError
-from loadsvc.tools.procs import loadsvc_command, python_command
+from loadsvc.tools.procs import free_port, loadsvc_command, python_command
 
 __all__ = ["Fleet", "FleetError", "Proc", "EngineProc", "VllmProc", "free_port", "smg_available"]
 
@@ -39,13 +38,6 @@ HOST = "127.0.0.1"
 
 class FleetError(LoadsvcError, RuntimeError):
     """A fleet process did not start; the message ends with its log."""
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on at 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def smg_available() -> str | None:

@@ -7,5 +7,5 @@
                     (``--middleware loadsvc.engines.vllm.middleware.LoadsMiddleware``)
     settings.py     the LOADSVC_* environment variables both read
 
-README "Running with vLLM" has the three commands and the mapping table.
+docs/vllm.md has the three commands, the mapping table and the rules.
 """

@@ -22,7 +22,7 @@ or renamed attribute reads as "not reported" (0, or no section) after one
 warning. Nothing raises into vLLM: a failure is counted, logged once per
 kind, and the engine keeps serving.
 
-Mapping (vLLM 0.32 names; see docs in README "Running with vLLM"):
+Mapping (vLLM 0.32 names; docs/vllm.md has the same table):
 
 | LoadSnapshot field      | from vLLM |
 |-------------------------|-----------|
