@@ -3,10 +3,14 @@
     run(main())                                          # uvloop when installed
       sock = bind_tcp(host, port, "the engine's HTTP")   # a port in use is a clear error, here
       await serve_until_signal(app, sock, host, port,    # uvicorn without signal handlers of
-                               signals={SIGUSR1: f})      # its own, until SIGTERM / SIGINT
+                               what="the engine's HTTP",  # its own, until SIGTERM / SIGINT,
+                               limits=HttpLimits(...),    # under loadsvc/_limits.py
+                               signals={SIGUSR1: f})
 
 Used by `loadsvc engine` and the reference router, which run uvicorn next to
-their own tasks (schedulers, a gRPC server, WatchLoads subscriptions).
+their own tasks (schedulers, a gRPC server, WatchLoads subscriptions). Both run
+under loadsvc/_limits.py's connection, header and body limits (HttpLimits), as
+`loadsvc serve`'s REST does.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any
+
+from loadsvc._limits import BodyLimit, ConnectionGuard, uvicorn_config
+from loadsvc.settings import HttpLimits
 
 __all__ = ["bind_tcp", "quiet_uvicorn", "serve_until_signal", "run"]
 
@@ -40,8 +47,9 @@ def bind_tcp(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
-def quiet_uvicorn(app: Any, host: str, port: int, *, graceful: float = 2.0) -> Any:
-    """A uvicorn.Server that leaves SIGTERM/SIGINT to its host process and logs only warnings."""
+def quiet_uvicorn(app: Any, host: str, port: int, *, limits: HttpLimits, guard: ConnectionGuard,
+                  graceful: float = 2.0) -> Any:
+    """A uvicorn.Server under limits that leaves SIGTERM/SIGINT to its host process, logs only warnings."""
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -49,19 +57,21 @@ def quiet_uvicorn(app: Any, host: str, port: int, *, graceful: float = 2.0) -> A
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off", ws="none", timeout_graceful_shutdown=graceful,
-                            server_header=False)
+    config = uvicorn_config(BodyLimit(app, limits.max_body_bytes, guard), limits, guard, host=host,
+                            port=port, log_level="warning", access_log=False, lifespan="off", ws="none",
+                            timeout_graceful_shutdown=graceful, server_header=False)
     return _Server(config)
 
 
 async def serve_until_signal(app: Any, sock: socket.socket, host: str, port: int, *,
+                             what: str, limits: HttpLimits = HttpLimits(),
                              signals: Mapping[int, Callable[[], None]] | None = None,
                              on_stop: Callable[[], None] | None = None) -> None:
-    """Serve app on sock until SIGTERM or SIGINT (or until uvicorn stops by itself).
+    """Serve app on sock under limits until SIGTERM or SIGINT (or until uvicorn stops by itself).
 
-    signals: more handlers while serving (e.g. SIGUSR1). on_stop runs first when
-    stopping, e.g. to end requests in flight so that connections drain at once.
+    what names the server in log lines about closed connections. signals: more
+    handlers while serving (e.g. SIGUSR1). on_stop runs first when stopping, e.g.
+    to end requests in flight so that connections drain at once.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -69,7 +79,7 @@ async def serve_until_signal(app: Any, sock: socket.socket, host: str, port: int
                                                **(signals or {})}
     for sig, handler in handlers.items():
         loop.add_signal_handler(sig, handler)
-    http = quiet_uvicorn(app, host, port)
+    http = quiet_uvicorn(app, host, port, limits=limits, guard=ConnectionGuard(limits, what))
     http_task = loop.create_task(http.serve(sockets=[sock]), name=f"http-{port}")
     stop_task = loop.create_task(stop.wait())
     try:

@@ -26,6 +26,8 @@ from loadsvc.settings import (
     CurveServerSettings,
     DemoSettings,
     EngineSettings,
+    GrpcLimits,
+    HttpLimits,
     RouterSettings,
     ServeSettings,
     SimulateSettings,
@@ -159,6 +161,33 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", type=Path, default=None, help="the client certificate's private key (PEM)")
 
 
+def _add_http_limit_args(p: argparse.ArgumentParser, *, body: bool) -> None:
+    """The HTTP server's limits (loadsvc/_limits.py); body: also --http-max-body-bytes."""
+    d = HttpLimits()
+    p.add_argument("--http-max-header-bytes", type=_positive_int, default=d.max_header_bytes, metavar="N",
+                   help="request line and headers larger than this: 431, connection closed "
+                        "(default %(default)s)")
+    p.add_argument("--http-header-timeout", type=_positive_float, default=d.header_timeout, metavar="S",
+                   help="a connection must send a complete request header within this many seconds of "
+                        "connecting or of its previous response, else it is closed (default %(default)s)")
+    p.add_argument("--http-idle-timeout", type=_positive_float, default=d.idle_timeout, metavar="S",
+                   help="close a keep-alive connection idle this long (default %(default)s)")
+    p.add_argument("--http-max-connections", type=_positive_int, default=d.max_connections, metavar="N",
+                   help="HTTP connections open at once; at the cap the one waiting longest for a request "
+                        "is closed (default %(default)s)")
+    if body:
+        p.add_argument("--http-max-body-bytes", type=_positive_int, default=d.max_body_bytes, metavar="N",
+                       help="request bodies larger than this: 413, never buffered (default %(default)s)")
+
+
+def _http_limits(args: argparse.Namespace) -> HttpLimits:
+    d = HttpLimits()
+    return HttpLimits(max_header_bytes=args.http_max_header_bytes, header_timeout=args.http_header_timeout,
+                      idle_timeout=args.http_idle_timeout, max_connections=args.http_max_connections,
+                      tls_handshake_timeout=getattr(args, "handshake_timeout", d.tls_handshake_timeout),
+                      max_body_bytes=getattr(args, "http_max_body_bytes", d.max_body_bytes))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loadsvc",
@@ -224,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-streams", type=_positive_int, default=4096, metavar="N",
                    help="WatchLoads streams, and ORCA streams, open at once per gRPC process; one "
                         "more is refused with RESOURCE_EXHAUSTED (default %(default)s)")
+    _add_http_limit_args(p, body=False)
+    g = GrpcLimits()
+    p.add_argument("--handshake-timeout", type=_positive_float, default=g.handshake_timeout, metavar="S",
+                   help="seconds a new connection gets for its TLS handshake (REST and gRPC) and, on gRPC, "
+                        "its HTTP/2 settings exchange (default %(default)s)")
+    p.add_argument("--grpc-max-connections", type=_positive_int, default=g.max_connections, metavar="N",
+                   help="gRPC connections open at once, per server process (default %(default)s)")
+    p.add_argument("--grpc-max-streams", type=_positive_int, default=g.max_streams_per_connection,
+                   metavar="N", help="concurrent calls (e.g. WatchLoads streams) per gRPC connection "
+                                     "(default %(default)s)")
+    p.add_argument("--grpc-idle-timeout", type=_positive_float, default=g.idle_timeout, metavar="S",
+                   help="a gRPC connection without a call this long is closed (GOAWAY; clients "
+                        "reconnect) (default %(default)s)")
 
     p = sub.add_parser("simulate", help="publish simulated engine load",
                        description="An engine simulator: arrivals, queues that build and drain, token "
@@ -297,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-after", type=_positive_float, default=DEFAULT_STALE_AFTER,
                    help="seconds without a publish before /v1/loads calls a rank stale "
                         "(default %(default)s)")
+    _add_http_limit_args(p, body=True)
 
     p = sub.add_parser("router", help="the reference P2C router in front of engines",
                        description="An HTTP proxy in front of `loadsvc engine` workers that routes by "
@@ -315,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed of the power of two choices (default: random)")
+    _add_http_limit_args(p, body=True)
 
     p = sub.add_parser("bench", help="benchmarks (print figures and ratios against a baseline)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -368,6 +412,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $LOADSVC_API_KEY, else None; an empty or blank key is a usage error (exit 2).
+
+    An empty key would switch authentication off without a word (serve) or send an
+    empty bearer token (clients); one with spaces around it could never match.
+    """
+    where, key = ("--api-key", args.api_key) if args.api_key is not None else \
+        (f"${API_KEY_ENV}", os.environ.get(API_KEY_ENV))
+    if key is None:
+        return None
+    problem = ("is empty" if not key.strip() else
+               "has spaces or line breaks around it" if key != key.strip() else None)
+    if problem is not None:
+        print(f"loadsvc {args.command}: {where} {problem}; give the key itself, or leave "
+              f"{where} unset for no key", file=sys.stderr)
+        raise SystemExit(2)
+    return key
+
+
 def _serve_settings(args: argparse.Namespace) -> ServeSettings:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("loadsvc serve: --tls-cert and --tls-key go together")
@@ -384,11 +447,15 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         curve=CurveServerSettings(args.curve_secret_key, args.curve_authorized_dir)
         if args.curve_secret_key else None,
         tls=TlsSettings(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=_api_key(args),
         orca_ranks=args.orca_ranks,
         max_frame_bytes=args.max_frame_bytes,
         grpc_workers=args.grpc_workers,
         max_streams=args.max_streams,
+        http_limits=_http_limits(args),
+        grpc_limits=GrpcLimits(max_connections=args.grpc_max_connections,
+                               max_streams_per_connection=args.grpc_max_streams,
+                               idle_timeout=args.grpc_idle_timeout, handshake_timeout=args.handshake_timeout),
     )
 
 
@@ -427,7 +494,7 @@ def _client_settings(args: argparse.Namespace) -> ClientSettings:
         min_interval_ms=getattr(args, "min_interval_ms", 0),
         max_interval_ms=getattr(args, "max_interval_ms", 1000),
         json=getattr(args, "json", False),
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=_api_key(args),
         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
         count=getattr(args, "count", None))
 
@@ -480,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             max_total_tokens=args.max_total_tokens, host=args.host, http_port=args.port,
             grpc_port=args.grpc_port, shm=args.shm, publish_rate=args.publish_rate, model=args.model,
             stale_after=args.stale_after, step_ms=args.step_ms, batch_knee=args.batch_knee,
-            prefill_tokens_per_step=args.prefill_tokens_per_step))
+            prefill_tokens_per_step=args.prefill_tokens_per_step, http_limits=_http_limits(args)))
     if cmd == "router":
         from loadsvc.router import parse_worker, run_router
 
@@ -489,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise SystemExit(f"loadsvc router: --worker: {e}") from None
         return run_router(RouterSettings(workers=workers, policy=args.policy, host=args.host,
-                                         port=args.port, stale_after=args.stale_after, seed=args.seed))
+                                         port=args.port, stale_after=args.stale_after, seed=args.seed,
+                                         http_limits=_http_limits(args)))
     if cmd == "bench":
         import importlib
 

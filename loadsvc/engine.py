@@ -72,9 +72,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loadsvc import __version__
 from loadsvc._hosting import bind_tcp, run, serve_until_signal
+from loadsvc._limits import grpc_options
 from loadsvc.embed import add_to_grpc_server, loads_router, open_store
 from loadsvc.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
-from loadsvc.settings import EngineSettings
+from loadsvc.settings import EngineSettings, GrpcLimits
 from loadsvc.shm import RegionError, ShmPublisher, default_path
 
 __all__ = ["Engine", "EngineError", "run_engine", "prompt_tokens", "region_path"]
@@ -438,6 +439,8 @@ class Engine:
         if dp_rank is not None and (not isinstance(dp_rank, int) or isinstance(dp_rank, bool)):
             raise EngineError(f"data_parallel_rank: expected an integer, got {dp_rank!r}")
         if prompt_ids is not None:
+            if not isinstance(prompt_ids, list) or not all(type(t) is int for t in prompt_ids):
+                raise EngineError("input_ids: expected a list of integer token ids")
             n, key = max(1, len(prompt_ids)), hash(tuple(prompt_ids))
         else:
             text = prompt_text or ""
@@ -515,7 +518,10 @@ def _chat_prompt(messages: Any) -> str:
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # OpenAI content parts
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            content = " ".join(p["text"] for p in content
+                               if isinstance(p, dict) and isinstance(p.get("text"), str))
+        elif content is not None and not isinstance(content, str):
+            raise EngineError("messages: content must be a string or a list of {type, text} parts")
         parts.append(f"{m.get('role', 'user') if isinstance(m, dict) else 'user'}: {content or ''}")
     return "\n".join(parts)
 
@@ -726,7 +732,7 @@ async def _serve(settings: EngineSettings) -> None:
     await engine.start()
     try:
         # so_reuseport off: a second engine on the same --grpc-port must fail, not share it.
-        grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *grpc_options(GrpcLimits())])
         surfaces = add_to_grpc_server(grpc_server, engine.store)
         grpc_addr = f"[{settings.host}]:{settings.grpc_port}" if ":" in settings.host \
             else f"{settings.host}:{settings.grpc_port}"
@@ -741,6 +747,7 @@ async def _serve(settings: EngineSettings) -> None:
         try:
             # SIGUSR1 / SIGUSR2 stop and resume the publisher alone; SIGTERM / SIGINT stop it all.
             await serve_until_signal(create_app(engine), http_sock, settings.host, settings.http_port,
+                                     what="engine HTTP", limits=settings.http_limits,
                                      signals={signal.SIGUSR1: lambda: engine.set_publishing(False),
                                               signal.SIGUSR2: lambda: engine.set_publishing(True)},
                                      on_stop=engine.end_requests)  # so HTTP drains at once

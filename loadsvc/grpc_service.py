@@ -38,7 +38,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -111,12 +111,15 @@ class LoadServices:
         self.max_streams = max_streams
         self.refused_streams = 0  # WatchLoads calls refused because max_streams were open
         self._refused_logged = -_REFUSED_LOG_EVERY
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key is empty: it would switch authentication off; pass a key or None")
         self._api_key = api_key.encode() if api_key else None
         self._closed = False
         self._changes = _Wakeup()  # subscribers waiting for a store change or a deadline
         self._timers = _Wakeup()  # subscribers holding back for min_interval (only close wakes)
         self._pump_task: asyncio.Task[None] | None = None
         self._streams = 0
+        self.gone_subscribers = 0  # WatchLoads streams whose client went away during a write
         self._streams_done: asyncio.Event | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
         if health is not None:
@@ -238,7 +241,7 @@ class LoadServices:
                 seen = self.store.change_version
                 self._changes.wake()
 
-    async def watch_loads(self, data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def watch_loads(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
         await self._authorize(context)
         request = await self._parse(data, pb.WatchLoadsRequest, context)
         try:
@@ -259,7 +262,8 @@ class LoadServices:
             view = self.store.view()
             sent_sig = view.signature(sel)
             sent_at = clock()
-            yield view.encoded(key, encode)
+            if not await self._write(context, view.encoded(key, encode)):
+                return
             while not self._closed:
                 view = self.store.view()
                 sig = view.signature(sel)
@@ -273,7 +277,8 @@ class LoadServices:
                     await self._changes.wait(sent_at + max_s - now)
                     continue
                 sent_sig, sent_at = sig, now
-                yield view.encoded(key, encode)
+                if not await self._write(context, view.encoded(key, encode)):
+                    return
             await context.abort(grpc.StatusCode.UNAVAILABLE, "loadsvc is shutting down; reconnect")
         finally:
             self._streams -= 1
@@ -290,6 +295,22 @@ class LoadServices:
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"WatchLoads: {self._streams} streams open, this server's limit "
                             "(--max-streams); retry later, or share one stream per client")
+
+    async def _write(self, context: grpc.aio.ServicerContext, message: bytes) -> bool:
+        """Write one WatchLoads message; False when the subscriber went away (counted, DEBUG).
+
+        A write the call ends under (the client cancelled, or its connection died
+        while the write waited for flow control) fails with grpc's internal error
+        type; written from a generator, grpc would log each at ERROR with a traceback.
+        """
+        try:
+            await context.write(message)
+        except Exception as e:  # noqa: BLE001 - the write of bytes failed: the call is over, counted
+            self.gone_subscribers += 1
+            log.debug("WatchLoads subscriber %s went away during a write (%s: %s)", context.peer(),
+                      type(e).__name__, e)
+            return False
+        return True
 
     # -- shutdown ----------------------------------------------------------------------
 

@@ -68,11 +68,11 @@ PROMETHEUS_CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 FORMATS = ("json", "prometheus")
 INT32_MAX = 2**31 - 1
 
-# One include value: comma-separated tokens, lowercase, optional spaces. The same
-# pattern is published in OpenAPI and applied here (re.search, as JSON Schema does).
-_TOKENS_RE = "|".join(INCLUDE_TOKENS)
-INCLUDE_PATTERN = rf"^ *(?:(?:{_TOKENS_RE}) *)?(?:, *(?:(?:{_TOKENS_RE}) *)?)*$"
-_INCLUDE_RE = re.compile(INCLUDE_PATTERN)
+# One include value as store.parse_include (the one parser, shared with gRPC) reads it:
+# comma-separated tokens in any case, whitespace around them. OpenAPI publishes it as this
+# pattern (JSON Schema patterns have no flags: each letter is a class of both cases).
+_TOKENS_RE = "|".join("".join(f"[{c.lower()}{c.upper()}]" for c in t) for t in INCLUDE_TOKENS)
+INCLUDE_PATTERN = rf"^\s*(?:(?:{_TOKENS_RE})\s*)?(?:,\s*(?:(?:{_TOKENS_RE})\s*)?)*$"
 # OpenAPI also states parse_include's bounds (values, characters, tokens per value),
 # so a request valid by the schema is never refused; the server checks them there,
 # each with its own reason.
@@ -81,6 +81,7 @@ _INCLUDE_SCHEMA = {
     "items": {"type": "string", "maxLength": MAX_INCLUDE_CHARS,
               "pattern": INCLUDE_PATTERN.replace(")*$", f"){{0,{MAX_INCLUDE_TOKENS - 1}}}$")}}
 _DP_RANK_RE = re.compile(r"-?[0-9]+")
+_DP_RANK_DIGITS = len(str(INT32_MAX))  # more digits than this: out of range, whatever they are
 _QUERY_MEMO_MAX = 512  # distinct query strings remembered (fuzzers send endless new ones)
 # Longer query strings are a 400 (field "query"), neither parsed nor remembered: the
 # memo above holds at most 512 x 4 KiB of keys (and of messages quoting them).
@@ -114,19 +115,15 @@ def _parse_query(query_string: bytes, dp_size: int | None) -> tuple[Selection, s
             fmt = value
     if fmt not in FORMATS:
         raise _Invalid("format", "unknown_format",
-                       f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    for value in include:
-        if not _INCLUDE_RE.search(value):
-            bad = next((t.strip(" ") for t in value.split(",") if t.strip(" ") not in INCLUDE_TOKENS
-                        and t.strip(" ")), value)
-            raise _Invalid("include", "unknown_token",
-                           f"unknown token {bad!r}; expected lowercase tokens from "
-                           f"{', '.join(INCLUDE_TOKENS)}, repeated or comma-separated")
+                       f"unknown format {_shown(fmt)}; expected one of {', '.join(FORMATS)}")
     dp_rank: int | None = None
     if dp_rank_raw is not None:
         if not _DP_RANK_RE.fullmatch(dp_rank_raw):
             raise _Invalid("dp_rank", "not_an_integer",
-                           f"expected a non-negative integer, got {dp_rank_raw!r}")
+                           f"expected a non-negative integer, got {_shown(dp_rank_raw)}")
+        if len(dp_rank_raw.lstrip("-").lstrip("0")) > _DP_RANK_DIGITS:  # never int() on 5,000 digits
+            raise _Invalid("dp_rank", "negative" if dp_rank_raw.startswith("-") else "out_of_range",
+                           f"{_shown(dp_rank_raw)} is beyond the int32 range")
         dp_rank = int(dp_rank_raw)
         if dp_rank > INT32_MAX:
             raise _Invalid("dp_rank", "out_of_range", f"{dp_rank} is beyond the int32 range")
@@ -138,6 +135,25 @@ def _parse_query(query_string: bytes, dp_size: int | None) -> tuple[Selection, s
             reason = e.reason or "unknown_token"
         raise _Invalid(e.field, reason, str(e).removeprefix(f"{e.field}: ")) from None
     return sel, fmt
+
+
+def _too_long(query: bytes) -> _Invalid:
+    """The error for a query string past MAX_QUERY_BYTES, naming its longest parameter if known.
+
+    Only split on "&", never decoded or parsed (the request line's own limit bounds
+    the scan): a 5,000-digit dp_rank is named as dp_rank, padding as the query.
+    """
+    name, _, value = max(query.split(b"&"), key=len).partition(b"=")
+    field_name = name.decode("latin-1") if name in (b"dp_rank", b"include", b"format") else "query"
+    return _Invalid(field_name, "too_long",
+                    f"query string of {len(query)} bytes, longer than {MAX_QUERY_BYTES}"
+                    + (f" ({field_name} alone is {len(value)} bytes)" if field_name != "query" else "")
+                    + "; a valid one needs well under 200")
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """value for an error message: repr, cut to about limit characters."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 # -- bodies ----------------------------------------------------------------------
@@ -408,6 +424,8 @@ class _Loads:
     def __init__(self, store: LoadStore, metrics: _Metrics, api_key: str | None) -> None:
         self.store = store
         self.metrics = metrics
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key is empty: it would switch authentication off; pass a key or None")
         self.expected = api_key.encode() if api_key else None
         self._memo: dict[tuple[bytes, int | None], tuple[Selection, str] | _Invalid] = {}
 
@@ -436,9 +454,7 @@ class _Loads:
         parsed = self._memo.get(key)
         if parsed is None:
             if len(key[0]) > MAX_QUERY_BYTES:  # never parsed, never memoized
-                parsed = _Invalid("query", "too_long",
-                                  f"query string of {len(key[0])} bytes, longer than {MAX_QUERY_BYTES}; "
-                                  "a valid one needs well under 200")
+                parsed = _too_long(key[0])
             else:
                 try:
                     parsed = _parse_query(key[0], key[1])
@@ -463,6 +479,7 @@ class _Loads:
 
 _JSON_CT = JSON_CONTENT_TYPE.encode()
 _PROM_CT = PROMETHEUS_CONTENT_TYPE.encode()
+_GET_HEAD = ("GET", "HEAD")
 
 
 class _RawResponse(Response):
@@ -490,7 +507,7 @@ class _App(FastAPI):
     _loads: _Loads
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and not self.user_middleware:
+        if scope["type"] == "http" and scope["method"] in _GET_HEAD and not self.user_middleware:
             path = scope["path"]
             root = scope.get("root_path") or self.root_path
             if root and path.startswith(root):
@@ -498,7 +515,7 @@ class _App(FastAPI):
             if path == "/v1/loads":
                 status, body, headers = self._loads.respond(scope)
                 await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
+                await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
                 return
         await super().__call__(scope, receive, send)
 
@@ -573,6 +590,13 @@ def _build(store: LoadStore, api_key: str | None, registry: CollectorRegistry | 
         openapi_extra={"parameters": _LOADS_PARAMETERS})
     async def get_loads(request: Request) -> Response:
         return _RawResponse(*loads.respond(request.scope))
+
+    async def head_loads(request: Request) -> Response:
+        """HEAD: GET's status and headers (its Content-Length too), no body."""
+        status, _, headers = loads.respond(request.scope)
+        return _RawResponse(status, b"", headers)
+
+    router.add_api_route("/v1/loads", head_loads, methods=["HEAD"], include_in_schema=False)
 
     if health:
         _add_health(router, store, counters)

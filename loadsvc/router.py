@@ -423,7 +423,8 @@ async def _serve(settings: RouterSettings) -> None:
     log.info("loadsvc router (%s) on http://%s:%d in front of %s", settings.policy, settings.host,
              settings.port, ", ".join(w.url for w in settings.workers))
     try:
-        await serve_until_signal(router, sock, settings.host, settings.port)
+        await serve_until_signal(router, sock, settings.host, settings.port, what="router HTTP",
+                                 limits=settings.http_limits)
     finally:
         await router.stop()
         log.info("loadsvc router stopped")

@@ -42,6 +42,7 @@ import grpc
 
 from loadsvc._hosting import bind_tcp
 from loadsvc._hosting import run as run_loop
+from loadsvc._limits import ConnectionGuard, grpc_options, server_ssl_context, uvicorn_config
 from loadsvc.grpc_service import LoadServices, add_load_services
 from loadsvc.orca import ORCA_SERVICE, OrcaService, add_orca_service
 from loadsvc.settings import ServeSettings
@@ -56,6 +57,7 @@ HTTP_GRACE = 2  # seconds open HTTP connections get at shutdown
 WORKER_START_TIMEOUT = 60.0  # seconds a gRPC worker process gets to listen
 WORKER_STOP_TIMEOUT = 5.0  # seconds workers get to stop after SIGTERM before SIGKILL
 WORKER_RESTART_DELAY = 1.0  # seconds before a worker that died is started again
+FD_RESERVE = 128  # file descriptors beyond the connection caps: region, listeners, ZMQ, gRPC core, logs
 # No SO_REUSEPORT with one process: a second server on the same port must fail,
 # not share it silently. Workers share it on purpose (after a probe: see serve()).
 # Requests are tiny (an empty GetLoadsRequest is 0 bytes; a full include list well
@@ -112,6 +114,7 @@ def _grpc_server(settings: ServeSettings, store: LoadStore, *,
                  shared_port: bool) -> tuple[grpc.aio.Server, LoadServices, OrcaService]:
     """A grpc.aio server with every loadsvc service over store (not listening yet)."""
     options = [(k, int(shared_port) if k == "grpc.so_reuseport" else v) for k, v in GRPC_OPTIONS]
+    options += grpc_options(settings.grpc_limits)
     server = grpc.aio.server(options=options)
     services = add_load_services(server, store, api_key=settings.api_key, extra_services=(ORCA_SERVICE,),
                                  max_streams=settings.max_streams)
@@ -173,7 +176,21 @@ def _probe_grpc_port(settings: ServeSettings) -> None:
         raise ServeError(f"{e} [--host / --grpc-port]") from e
 
 
-def _uvicorn_server(app: Any, settings: ServeSettings, port: int) -> Any:
+def _rest_guard(settings: ServeSettings) -> ConnectionGuard:
+    """The REST server's connection limits, with its TLS context; ServeError when TLS files are unusable."""
+    tls = settings.tls
+    ctx = None
+    if tls is not None:
+        try:
+            ctx = server_ssl_context(str(tls.cert), str(tls.key),
+                                     str(tls.client_ca) if tls.client_ca else None)
+        except (OSError, ssl.SSLError) as e:
+            raise ServeError(f"cannot use the TLS files for REST ({tls.cert}, {tls.key}"
+                             f"{', ' + str(tls.client_ca) if tls.client_ca else ''}): {e}") from e
+    return ConnectionGuard(settings.http_limits, "REST", ctx)
+
+
+def _uvicorn_server(app: Any, settings: ServeSettings, port: int, guard: ConnectionGuard) -> Any:
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -186,14 +203,9 @@ def _uvicorn_server(app: Any, settings: ServeSettings, port: int) -> Any:
         def install_signal_handlers(self) -> None:  # uvicorn < 0.29
             pass
 
-    kwargs: dict[str, Any] = {}
-    if settings.tls is not None:
-        kwargs = {"ssl_certfile": str(settings.tls.cert), "ssl_keyfile": str(settings.tls.key)}
-        if settings.tls.client_ca is not None:
-            kwargs |= {"ssl_ca_certs": str(settings.tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    config = uvicorn.Config(app, host=settings.host, port=port, log_level="warning", access_log=False,
-                            lifespan="auto", ws="none", timeout_graceful_shutdown=HTTP_GRACE,
-                            server_header=False, **kwargs)
+    config = uvicorn_config(app, settings.http_limits, guard, host=settings.host, port=port,
+                            log_level="warning", access_log=False, lifespan="auto", ws="none",
+                            timeout_graceful_shutdown=HTTP_GRACE, server_header=False)
     return _Server(config)
 
 
@@ -209,6 +221,8 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
     from loadsvc.rest import create_app
 
     host = settings.host
+    if settings.api_key is not None and not settings.api_key.strip():
+        raise ServeError("the API key is empty: it would switch authentication off; give a key or none")
     if not _is_loopback(host) and settings.tls is None and settings.api_key is None:
         log.warning("listening on %s without TLS or an API key: anyone who can reach this host can "
                     "read the loads; use --tls-cert/--tls-key and/or --api-key", host)
@@ -227,6 +241,8 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
         if shared:
             _probe_grpc_port(settings)
         grpc_port = _listen_grpc(grpc_server, settings, settings.grpc_port)
+        guard = _rest_guard(settings)
+        registry.register(guard.collector("loadsvc_rest"))
         http_sock = _bind_http(host, settings.http_port)
         http_port = http_sock.getsockname()[1]
 
@@ -247,7 +263,7 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
             await collector.start()
 
         uv = _uvicorn_server(create_app(store, api_key=settings.api_key, registry=registry),
-                             settings, http_port)
+                             settings, http_port, guard)
         http_task = asyncio.get_running_loop().create_task(uv.serve(sockets=[http_sock]),
                                                            name="loadsvc-uvicorn")
         while not uv.started:
@@ -437,8 +453,37 @@ async def _worker_serve(settings: ServeSettings, index: int, parent: int, events
         await _shutdown(store, server, started, services, None, None, None, None)
 
 
+def _fd_budget(settings: ServeSettings) -> None:
+    """Raise the soft open-file limit to what the connection caps need; warn when it cannot be.
+
+    REST and gRPC connections hold one descriptor each. With the caps within the
+    limit a flood of connections to one surface is refused there and never takes
+    the descriptors the other needs (the common soft limit, 1024, fits the defaults).
+    """
+    import resource
+
+    http, grpc_cap = settings.http_limits.max_connections, settings.grpc_limits.max_connections
+    need = http + grpc_cap + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if raised > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft < need:
+        log.warning("the open-file limit (%d) is below what the connection caps need (%d: "
+                    "--http-max-connections %d + --grpc-max-connections %d + %d): a flood of connections "
+                    "could exhaust it; raise `ulimit -n` or lower the caps", soft, need, http, grpc_cap,
+                    FD_RESERVE)
+
+
 def run_serve(settings: ServeSettings) -> int:
     """Serve until SIGTERM or SIGINT; 0 after a clean stop, 1 when it could not start."""
+    _fd_budget(settings)
     try:
         import uvloop
 

@@ -44,6 +44,31 @@ class CurveClientSettings:
 
 
 @dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP client may hold of a server (REST of serve, the engine, the router).
+
+    Enforced by loadsvc/_limits.py on uvicorn's httptools protocol and as ASGI middleware.
+    """
+
+    max_header_bytes: int = 32 * 1024  # request line + headers; more: 431 and the connection closed
+    header_timeout: float = 10.0  # seconds from connect (or the previous response) to a complete header block
+    idle_timeout: float = 5.0  # seconds a keep-alive connection may sit idle between requests
+    max_connections: int = 256  # open at once; at the cap the oldest connection without a request goes
+    tls_handshake_timeout: float = 10.0  # seconds for a TLS handshake
+    max_body_bytes: int = 16 * 1024 * 1024  # request body (engine and router; serve reads none): 413
+
+
+@dataclass(frozen=True)
+class GrpcLimits:
+    """gRPC server options of serve (and the engine's gRPC server): see GRPC_OPTIONS in server.py."""
+
+    max_connections: int = 512  # grpc.max_allowed_incoming_connections
+    max_streams_per_connection: int = 100  # grpc.max_concurrent_streams
+    idle_timeout: float = 60.0  # grpc.max_connection_idle_ms: a connection with no call this long gets GOAWAY
+    handshake_timeout: float = 10.0  # grpc.server_handshake_timeout_ms: TLS and HTTP/2 settings exchange
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     store: StoreSettings
     host: str = "127.0.0.1"
@@ -59,6 +84,8 @@ class ServeSettings:
     # WatchLoads streams, and ORCA streams, open at once per gRPC process (each kind);
     # the same default as loadsvc.grpc_service.DEFAULT_MAX_STREAMS.
     max_streams: int = 4096
+    http_limits: HttpLimits = HttpLimits()
+    grpc_limits: GrpcLimits = GrpcLimits()
 
 
 @dataclass(frozen=True)
@@ -122,6 +149,7 @@ class EngineSettings:
     step_ms: float = 10.0
     batch_knee: float = 32.0
     prefill_tokens_per_step: int = 16
+    http_limits: HttpLimits = HttpLimits()
 
 
 @dataclass(frozen=True)
@@ -143,3 +171,4 @@ class RouterSettings:
     stale_after: float = 1.0  # seconds without a WatchLoads message before a worker is skipped
     seed: int | None = None
     request_timeout: float = 600.0
+    http_limits: HttpLimits = HttpLimits()

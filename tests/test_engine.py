@@ -131,6 +131,25 @@ def test_openai_endpoints_and_streaming(fleet: Fleet) -> None:
         assert c.post("/v1/completions", content=b"not json").status_code == 400
 
 
+def test_malformed_bodies_are_a_400_naming_the_field(fleet: Fleet) -> None:
+    engine = fleet.engine()
+    bad = [("/generate", {"input_ids": [{"a": 1}]}, "input_ids"),
+           ("/generate", {"input_ids": [1, [2]]}, "input_ids"),
+           ("/generate", {"input_ids": [True, 2]}, "input_ids"),
+           ("/v1/completions", {"prompt": [1, "a"]}, "input_ids"),
+           ("/v1/chat/completions", {"messages": [{"content": {"a": 2}}]}, "messages"),
+           ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2.5}}, "max_new_tokens")]
+    with httpx.Client(base_url=engine.url, timeout=30) as c:
+        for path, body, field_name in bad:
+            r = c.post(path, json=body)
+            assert r.status_code == 400, (path, body, r.text)
+            assert r.json()["error"]["message"].startswith(field_name), r.text
+        parts = c.post("/v1/chat/completions", json={"messages": [{"content": [1, {"text": 5},
+                                                                              {"text": "hi"}]}]})
+        assert parts.status_code == 200, parts.text  # parts without text are skipped
+    assert "Traceback" not in engine.log()
+
+
 async def test_published_state_moves_with_requests_in_flight(fleet: Fleet) -> None:
     """max_running_requests=2: six long requests -> 2 running, 4 waiting, seen three ways."""
     engine = fleet.engine(dp_size=2, max_running_requests=2, step_ms=10, max_total_tokens=10000)

@@ -4,6 +4,8 @@ add_load_services over a LoadStore, a publisher writing the region, grpc.aio cli
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -409,6 +411,48 @@ async def test_slow_subscriber_does_not_delay_others(make_env: Any) -> None:
     slow_calls[1].cancel()
     it.cancel()
     await slow_channel.close()
+
+
+GONE_CLIENT = """
+import asyncio, sys, grpc
+from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb, loads_pb2_grpc as pb_grpc
+async def main():
+    ch = grpc.aio.insecure_channel(sys.argv[1], options=[("grpc.http2.bdp_probe", 0),
+                                                         ("grpc.http2.lookahead_bytes", 1024)])
+    calls = [pb_grpc.LoadServiceStub(ch).WatchLoads(pb.WatchLoadsRequest(max_interval_ms=10))
+             for _ in range(10)]
+    for call in calls:
+        await call.read()
+    print("reading no more", flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+async def test_a_subscriber_gone_during_a_write_is_counted_not_an_error(
+        make_env: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Subscribers that stop reading (the server's writes stall on flow control), then die."""
+    env = await make_env()
+    client = await asyncio.create_subprocess_exec(sys.executable, "-c", GONE_CLIENT, f"127.0.0.1:{env.port}",
+                                                  stdout=asyncio.subprocess.PIPE)
+    try:
+        assert client.stdout is not None
+        assert await asyncio.wait_for(client.stdout.readline(), 20) == b"reading no more\n"
+        await asyncio.sleep(1.0)  # ~100 heartbeats per stream: far past its window
+        with caplog.at_level(logging.DEBUG):
+            client.kill()
+            await client.wait()
+            await wait_for(lambda: env.services.streams == 0, 10.0)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert env.services.gone_subscribers >= 1
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not errors, [r.getMessage() for r in errors]
+    it = watch(env)  # the service still serves
+    assert len((await it.next()).loads) == 2
+    it.cancel()
 
 
 async def test_aclose_ends_streams_with_unavailable(make_env: Any) -> None:

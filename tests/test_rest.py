@@ -230,6 +230,7 @@ async def test_one_rank(client: httpx.AsyncClient) -> None:
     ([("include", "lora,queues")], {"lora", "queues"}),
     ([("include", " core , memory ")], {"memory"}),
     ([("include", "core,memory"), ("include", "queues")], {"memory", "queues"}),
+    ([("include", "MEMORY,Queues")], {"memory", "queues"}),  # any case, as gRPC takes it
 ])
 async def test_include_selects_sections(client: httpx.AsyncClient, params: list[tuple[str, str]],
                                         sections: set[str]) -> None:
@@ -444,6 +445,11 @@ BAD_QUERIES = [
     ("dp_rank=-1", "dp_rank", "negative"),
     ("dp_rank=4", "dp_rank", "out_of_range"),
     ("dp_rank=99999999999999999999", "dp_rank", "out_of_range"),
+    # past int()'s digit limit: a 400 naming dp_rank, not a 500
+    pytest.param("dp_rank=" + "9" * 1000, "dp_rank", "out_of_range", id="dp_rank=9x1000"),
+    pytest.param("dp_rank=-" + "9" * 1000, "dp_rank", "negative", id="dp_rank=-9x1000"),
+    # past the query string's limit: refused unparsed, still naming dp_rank
+    pytest.param("dp_rank=" + "9" * 5000, "dp_rank", "too_long", id="dp_rank=9x5000"),
     ("include=bogus", "include", "unknown_token"),
     ("include=core,bogus", "include", "unknown_token"),
     ("include=memory&include=nope", "include", "unknown_token"),
@@ -494,6 +500,24 @@ async def test_query_and_include_limits_are_counted_400s(client: httpx.AsyncClie
     ok = "&".join(["include=core"] * 7) + "&include=" + ",".join(["memory"] * 8)  # at the limits: fine
     r = await client.get(f"/v1/loads?{ok}")
     assert r.status_code == 200 and len(r.json()["loads"]) == 3
+
+
+async def test_head_answers_like_get_without_a_body(client: httpx.AsyncClient) -> None:
+    for query in ("", "?format=prometheus", "?dp_rank=x"):
+        get, head = await client.get(f"/v1/loads{query}"), await client.head(f"/v1/loads{query}")
+        assert head.status_code == get.status_code != 405
+        assert head.headers["content-type"] == get.headers["content-type"]
+        assert int(head.headers["content-length"]) == len(get.content) > 0
+        assert head.content == b""
+
+
+async def test_a_huge_dp_rank_is_named_and_cut_short(client: httpx.AsyncClient) -> None:
+    error = (await client.get("/v1/loads", params={"dp_rank": "7" * 3000})).json()["error"]
+    assert error["field"] == "dp_rank" and "int32" in error["message"]
+    assert len(error["message"]) < 200  # not 3,000 digits echoed back
+    error = (await client.get("/v1/loads", params={"dp_rank": "7" * 5000})).json()["error"]
+    assert error["field"] == "dp_rank" and "dp_rank alone is 5000 bytes" in error["message"]
+    assert len(error["message"]) < 200
 
 
 async def test_bad_messages_say_what_is_expected(client: httpx.AsyncClient) -> None:
@@ -552,6 +576,7 @@ async def test_openapi_describes_the_contract(client: httpx.AsyncClient, app_kin
         assert params["dp_rank"]["schema"]["maximum"] == 3
     include_pattern = params["include"]["schema"]["items"]["pattern"]
     assert re.search(include_pattern, "core, memory,queues") and not re.search(include_pattern, "x")
+    assert re.search(include_pattern, "MEMORY, Lora") and not re.search(include_pattern, "memoryx")
     assert params["format"]["schema"]["enum"] == ["json", "prometheus"]
     assert all(p["description"] for p in params.values())
     assert {"200", "400", "401"} <= set(op["responses"])

@@ -364,6 +364,47 @@ def test_api_key_on_every_endpoint_but_health(region: Path, serve_process: Any, 
     assert server.stop() == 0
 
 
+@pytest.mark.parametrize("command", ["serve", "get", "watch"])
+@pytest.mark.parametrize(("how", "key"), [("flag", ""), ("flag", "   "), ("flag", " k3y"), ("env", ""),
+                                          ("env", "k3y\n")])
+def test_an_empty_or_blank_api_key_is_refused(shm_path: Path, command: str, how: str, key: str) -> None:
+    """Refused before anything starts, in one line (exit 2): an empty key would turn auth off."""
+    from conftest import free_port
+
+    args = (["--shm", str(shm_path), "--grpc-port", str(free_port()), "--http-port", str(free_port())]
+            if command == "serve" else ["--grpc", f"127.0.0.1:{free_port()}"])
+    env = {k: v for k, v in os.environ.items() if k != "LOADSVC_API_KEY"}
+    if how == "flag":
+        args += ["--api-key", key]
+    else:
+        env["LOADSVC_API_KEY"] = key
+    try:
+        done = subprocess.run([sys.executable, "-m", "loadsvc", command, *args], capture_output=True,
+                              text=True, timeout=20, env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"loadsvc {command} ran with the API key {key!r}") from None
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and ("--api-key" if how == "flag" else "$LOADSVC_API_KEY") in lines[0], lines
+    assert not shm_path.exists()  # serve never got as far as the region
+
+
+async def test_an_empty_api_key_is_refused_from_python(shm_path: Path) -> None:
+    from loadsvc.rest import create_app
+    from loadsvc.server import ServeError, serve
+    from loadsvc.settings import ServeSettings, StoreSettings
+    from loadsvc.store import LoadStore
+
+    with pytest.raises(ServeError, match="empty"):
+        await serve(ServeSettings(StoreSettings(shm=shm_path), api_key=" "))
+    store = LoadStore(StoreSettings(shm=shm_path))
+    try:
+        with pytest.raises(ValueError, match="api_key is empty"):
+            create_app(store, api_key="")
+    finally:
+        store.close()
+
+
 async def test_api_key_is_compared_in_constant_time(shm_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both surfaces check the key with hmac.compare_digest (a spy sees every comparison)."""
     from loadsvc.grpc_service import add_load_services
