@@ -181,7 +181,7 @@ def test_load_snapshot_fields_1_to_17_match_scheduler_load() -> None:
     extra = [f for f in ours.fields if f.number not in range(1, 18)]
     assert {f.name for f in extra} >= {"num_total_tokens", "publish_time_ns", "seq", "status", "age_ms"}
     assert all(f.number >= 100 for f in extra), [(f.name, f.number) for f in extra]
-    # The exact contract of DESIGN.md, numbers and types.
+    # The exact SGLang contract (docs/architecture.md, "Wire compatibility"), numbers and types.
     t = FieldDescriptor
     expected = {1: t.TYPE_INT32, 2: t.TYPE_INT32, 3: t.TYPE_INT32, 4: t.TYPE_INT32, 5: t.TYPE_INT32,
                 6: t.TYPE_INT32, 7: t.TYPE_DOUBLE, 8: t.TYPE_DOUBLE, 9: t.TYPE_DOUBLE,
