@@ -678,10 +678,10 @@ class Scraper:
         values: dict[str, Any] = {}
         for f, v in raw.items():
             kind, limit = FIELDS[f]
-            if v > limit * (1 + 1e-9):
+            if v > (limit + 1e-9 if kind == "ratio" else limit):  # a ratio may round a hair past 1
                 self.reject("out_of_range", f"{where}: {f} is {v:g}, above {limit:g}")
                 return None
-            values[f] = round(v) if kind == "int" else min(float(v), limit)
+            values[f] = min(round(v), int(limit)) if kind == "int" else min(float(v), limit)
         running = values.get("num_running_reqs", 0)
         waiting = values.get("num_waiting_reqs", 0)
         values.setdefault("num_total_reqs", min(_I32, running + waiting))
