@@ -448,6 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record() -> WatchLoads lag samples (default %(default)s)")
     b.add_argument("--model", type=Path, default=None,
                    help="a model directory (default: a tiny random Llama built for the run)")
+    b = bsub.add_parser("ingest", help="SGLang streams and /metrics scrapes into serve, beside the relay",
+                        description="Frames/s and CPU per frame one serve takes from 64 SGLang-style PUB sockets "
+                                    "and, in the same run, from 64 relay publishers; CPU per scrape of a real "
+                                    "vLLM /metrics page (captured once where the vLLM venv exists, else "
+                                    "`loadsvc engine`'s).")
+    b.add_argument("--seconds", type=_positive_float, default=3.0,
+                   help="length of each measured round, in seconds (default %(default)s)")
+    b.add_argument("--rounds", type=_positive_int, default=3,
+                   help="rounds per intake; the table shows medians (default %(default)s)")
+    b.add_argument("--endpoints", type=_positive_int, default=16,
+                   help="HTTP endpoints serving the page that serve scrapes every 100 ms (default %(default)s)")
+    b.add_argument("--page", default="auto", metavar="auto|engine|FILE",
+                   help="the /metrics page: auto (a real vLLM's, captured once and cached, else "
+                        "`loadsvc engine`'s), engine, or a file (default %(default)s)")
     b = bsub.add_parser("soak", help="long run: 8 ranks at 100 Hz, 200 watchers, REST load")
     b.add_argument("--minutes", type=_positive_float, default=10.0,
                    help="length of the run, in minutes (default %(default)s)")

@@ -187,6 +187,26 @@ def test_only_the_wanted_lines_are_parsed() -> None:
     assert read_samples("vllm:num_requests_running_total 5\n", ["vllm:num_requests_running"]) == []
 
 
+def test_lines_that_did_not_change_are_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prometheus_client.parser as parser
+
+    parsed: list[str] = []
+    real = parser.text_string_to_metric_families
+
+    def counting(text: str) -> Any:
+        parsed.extend(text.splitlines())
+        return real(text)
+
+    monkeypatch.setattr(parser, "text_string_to_metric_families", counting)
+    names, cache = ["vllm:num_requests_running", "vllm:cache_config_info"], {}
+    first = vllm_page({0: {"running": 1}, 1: {"running": 2}})
+    assert [v for n, _, v in read_samples(first, names, cache) if n.endswith("running")] == [1.0, 2.0]
+    assert len(parsed) == 4
+    second = vllm_page({0: {"running": 1}, 1: {"running": 5}})
+    assert [v for n, _, v in read_samples(second, names, cache) if n.endswith("running")] == [1.0, 5.0]
+    assert parsed[4:] == ['vllm:num_requests_running{engine="1",model_name="/models/tiny"} 5']
+
+
 def test_a_json_map_for_another_engine(tmp_path: Path, scraper: Any, shm_path: Path) -> None:
     path = tmp_path / "tgi.json"
     path.write_text(json.dumps({
@@ -330,8 +350,13 @@ class _Pages(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def pages() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Pages)
-    httpd.daemon_threads = True
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # a scraper hanging up on a 10 MB page mid-write: expected here
+
+    httpd = Server(("127.0.0.1", 0), _Pages)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()

@@ -84,6 +84,7 @@ DEFAULT_MAX_BYTES = 4 * 1024 * 1024  # a larger page is refused, unparsed
 RATE_WINDOW = 1.0  # seconds of counter history behind a rate
 HIT_RATE_WINDOW = 10.0  # seconds of counter history behind cache_hit_rate
 _HISTORY = 512  # counter samples kept per rank, at most
+PARSE_CACHE_LINES = 4096  # parsed lines remembered per URL
 
 _I32 = 2**31 - 1
 _I64 = 2**63 - 1
@@ -285,7 +286,7 @@ def load_name_set(path: str | Path) -> NameSet:
 # -- parsing ---------------------------------------------------------------------------------
 
 
-def select_lines(text: str, names: Iterable[str]) -> str:
+def select_lines(text: str, names: Iterable[str]) -> list[str]:
     """The sample lines of text whose metric is one of names (comments and the rest dropped).
 
     The parse then costs what the wanted metrics cost, not the whole page (a vLLM
@@ -299,23 +300,39 @@ def select_lines(text: str, names: Iterable[str]) -> str:
                 if line.startswith(p) and len(line) > len(p) and line[len(p)] in "{ \t":
                     out.append(line)
                     break
-    out.append("")
-    return "\n".join(out)
+    return out
 
 
-def read_samples(text: str, names: Iterable[str]) -> list[tuple[str, dict[str, str], float]]:
+Sample = tuple[str, dict[str, str], float]
+
+
+def read_samples(text: str, names: Iterable[str], cache: dict[str, Sample] | None = None) -> list[Sample]:
     """(name, labels, value) of every sample of names on the page, parsed by prometheus_client.
 
+    cache: lines parsed before (one dict per scraped URL), so a line that did not change
+    since the last page (an info gauge's forty labels, an idle gauge) is not parsed again;
+    it holds at most PARSE_CACHE_LINES lines. The labels dicts are shared: do not change them.
     ScrapeFailed("parse_error") when the parser refuses a selected line.
     """
     from prometheus_client.parser import text_string_to_metric_families
 
-    selected = select_lines(text, names)
-    try:
-        return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(selected)
-                for s in family.samples]
-    except (ValueError, TypeError, IndexError) as e:
-        raise ScrapeFailed("parse_error", f"prometheus_client's parser refused the page: {e}") from None
+    lines = select_lines(text, names)
+    if cache is None:
+        cache = {}
+    todo = [line for line in dict.fromkeys(lines) if line not in cache]
+    if len(cache) + len(todo) > PARSE_CACHE_LINES:
+        cache.clear()
+        todo = list(dict.fromkeys(lines))
+    if todo:
+        try:
+            parsed = [(s.name, s.labels, s.value) for family in text_string_to_metric_families("\n".join(todo) + "\n")
+                      for s in family.samples]
+        except (ValueError, TypeError, IndexError) as e:
+            raise ScrapeFailed("parse_error", f"prometheus_client's parser refused the page: {e}") from None
+        if len(parsed) != len(todo):  # every selected line is one sample
+            raise ScrapeFailed("parse_error", f"{len(todo)} sample lines parsed into {len(parsed)} samples")
+        cache.update(zip(todo, parsed))
+    return [cache[line] for line in lines]
 
 
 # -- one target's state -------------------------------------------------------------------------
@@ -390,6 +407,7 @@ class _TargetState:
         self.names: NameSet | None = None
         self.counters: dict[int, _Counters] = {}
         self.epoch = secrets.randbits(63) | 1
+        self.parsed: dict[str, Sample] = {}  # read_samples' cache
         self.ok = False  # the last scrape succeeded (to log recovery once)
 
 
@@ -573,7 +591,7 @@ class Scraper:
         ScrapeFailed when the page as a whole is unusable. Public for the benchmark and tests.
         """
         by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for name, labels, value in read_samples(text, self._names):
+        for name, labels, value in read_samples(text, self._names, state.parsed):
             by_name.setdefault(name, []).append((labels, value))
         names = state.names
         if names is None or not names.recognises(set(by_name)):
