@@ -167,9 +167,20 @@ class MetricRef:
         return all(labels.get(k) == v for k, v in self.labels)
 
 
-def _refs(value: str | Sequence[str] | MetricRef | Sequence[MetricRef]) -> tuple[MetricRef, ...]:
-    items = [value] if isinstance(value, (str, MetricRef)) else list(value)
-    return tuple(v if isinstance(v, MetricRef) else MetricRef.parse(v) for v in items)
+def _refs(value: Any) -> tuple[MetricRef, ...]:
+    """A metric, or a list of alternatives, as MetricRefs; ValueError for anything else."""
+    items = [value] if isinstance(value, (str, MetricRef)) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"expected a metric name or a list of them, got {value!r}")
+    refs = []
+    for v in items:
+        if isinstance(v, MetricRef):
+            refs.append(v)
+        elif isinstance(v, str):
+            refs.append(MetricRef.parse(v))
+        else:
+            raise ValueError(f"expected a metric name, got {v!r}")
+    return tuple(refs)
 
 
 @dataclass(frozen=True)

@@ -383,15 +383,15 @@ class SglangSubscriber:
                         if ep.monitor is not None and ep.monitor in events:
                             self._drain_monitor(ep)
                     for sock in events:
-                        ep = self._by_socket.get(sock)
-                        if ep is None or sock is not ep.sock:
-                            continue
+                        owner = self._by_socket.get(sock)
+                        if owner is None or sock is not owner.sock:
+                            continue  # a monitor (drained above), or an endpoint closed meanwhile
                         for _ in range(BATCH):
                             try:
                                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=True)
                             except zmq.Again:
                                 break
-                            wrote |= self.handle(ep, parts, self._clock())
+                            wrote |= self.handle(owner, parts, self._clock())
                     wrote |= self._flush_due()
                     if wrote and self._on_write is not None:
                         self._on_write()
@@ -516,15 +516,14 @@ class SglangSubscriber:
                 ep.epoch = secrets.randbits(63) | 1
                 self._incarnation_metric.inc()
             elif seq <= ep.seq:
-                raise Rejected("stale_seq", f"dp_rank {ep.rank} ({ep.address}): sequence {seq} not after "
-                                            f"{ep.seq} on the same connection")
+                raise Rejected("stale_seq", f"sequence {seq} not after {ep.seq} on the same connection")
             elif seq > ep.seq + 1:
                 self.lost += seq - ep.seq - 1
                 self._lost_metric.inc(seq - ep.seq - 1)
             ep.seq = seq
             snapshot = to_snapshot(ep.rank, values, ep.epoch)
         except Rejected as r:
-            self.reject(r.reason, f"{ep.address} (dp_rank {ep.rank}): {r}" if r.reason != "stale_seq" else str(r))
+            self.reject(r.reason, f"{ep.address} (dp_rank {ep.rank}): {r}")
             return False
         except Exception as e:  # a bug, not bad input: counted, logged, survived
             self.reject("internal_error", f"{type(e).__name__}: {e}", exc_info=True)
