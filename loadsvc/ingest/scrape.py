@@ -55,8 +55,7 @@ from urllib.parse import urlsplit
 
 from loadsvc.ingest.fetch import Connection, FetchError
 from loadsvc.ingest.rejects import Rejects
-from loadsvc.ingest.writer import WRITE_REASONS, RegionWriter, WriteRefused
-from loadsvc.relay import REGION_CHECK
+from loadsvc.ingest.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
 from loadsvc.schema import LoadSnapshot
 from loadsvc.settings import StoreSettings
 

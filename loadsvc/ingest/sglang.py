@@ -90,8 +90,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from loadsvc.ingest.rejects import Rejects
-from loadsvc.ingest.writer import WRITE_REASONS, RegionWriter, WriteRefused
-from loadsvc.relay import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, REGION_CHECK
+from loadsvc.ingest.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
 from loadsvc.schema import LoadSnapshot
 from loadsvc.settings import StoreSettings
 
@@ -127,6 +126,8 @@ _ATTN_DP_RANK = 4
 DEFAULT_MAX_RATE = 200.0  # writes per second per endpoint
 DEFAULT_MAX_FRAME_BYTES = 4096  # per part; a LoadStat is about 40 bytes
 RCVHWM = 64  # frames queued per endpoint in serve before ZMQ drops (a gauge: the latest matters)
+HEARTBEAT_IVL_MS = 1000  # ZMTP heartbeats: a publisher gone without a FIN is noticed within ~3 s
+HEARTBEAT_TIMEOUT_MS = 3000
 BATCH = 256  # frames read from one endpoint before looking at the others
 DISCOVERY_TIMEOUT = 2.0  # seconds per /server_info request
 DISCOVERY_MAX_BYTES = 1 << 20  # a larger /server_info response is refused

@@ -26,13 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc.relay import CLAIM_RETRY
 from loadsvc.settings import StoreSettings
 from loadsvc.shm import RegionError, ShmPublisher, ShmReader
 
-__all__ = ["RegionWriter", "WriteRefused", "WRITE_REASONS"]
+__all__ = ["RegionWriter", "WriteRefused", "WRITE_REASONS", "CLAIM_RETRY", "REGION_CHECK"]
 
 log = logging.getLogger("loadsvc.ingest")
+
+CLAIM_RETRY = 2.0  # seconds before retrying a rank another live publisher owns (as the relay's)
+REGION_CHECK = 1.0  # seconds between checks that the region file is still the same (as the relay's)
 
 WRITE_REASONS: dict[str, str] = {
     "no_region": "no region yet and no --dp-size to create one",
