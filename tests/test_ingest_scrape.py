@@ -90,10 +90,10 @@ def scraper(shm_path: Path) -> Iterator[Any]:
     """Factory: scraper(dp_size, names...) -> (Scraper, its one target's state); closed afterwards."""
     made: list[Scraper] = []
 
-    def make(dp_size: int = 2, name_sets: tuple[NameSet, ...] = (VLLM, SGLANG), first_rank: int = 0
-             ) -> tuple[Scraper, Any]:
+    def make(dp_size: int = 2, name_sets: tuple[NameSet, ...] = (VLLM, SGLANG), first_rank: int = 0,
+             monotonic: Any = time.monotonic) -> tuple[Scraper, Any]:
         s = Scraper(StoreSettings(shm=shm_path, dp_size=dp_size), [ScrapeTarget("http://e/metrics", first_rank)],
-                    registry=CollectorRegistry(), name_sets=name_sets)
+                    registry=CollectorRegistry(), name_sets=name_sets, monotonic=monotonic)
         made.append(s)
         return s, s._states[0]
 
@@ -108,7 +108,8 @@ def read(shm: Path) -> dict[int, Any]:
 
 
 def test_a_vllm_page_fills_each_engines_rank(scraper: Any, shm_path: Path) -> None:
-    s, state = scraper()
+    now = [100.0]
+    s, state = scraper(monotonic=lambda: now[0])
     page = vllm_page({0: {"running": 3, "waiting": 2, "kv": 0.25, "queries": 100, "hits": 0, "generated": 1000},
                       1: {"running": 1, "kv": 0.5, "queries": 10, "generated": 50}})
     assert s.ingest_page(state, page, time.time_ns())
@@ -119,13 +120,13 @@ def test_a_vllm_page_fills_each_engines_rank(scraper: Any, shm_path: Path) -> No
     assert (snaps[1].num_running_reqs, snaps[1].token_usage, snaps[1].num_used_tokens) == (1, 0.5, 524288)
     assert snaps[0].gen_throughput == 0.0  # a rate needs two pages
     # A second page, 0.5 s later by the scraper's clock: rates and the hit rate from the counters.
-    time.sleep(0.5)
+    now[0] += 0.5
     page = vllm_page({0: {"running": 4, "kv": 0.25, "queries": 300, "hits": 150, "generated": 1500},
                       1: {"running": 1, "kv": 0.5, "queries": 10, "generated": 50}})
     assert s.ingest_page(state, page, time.time_ns())
     snaps = read(shm_path)
     assert snaps[0].num_running_reqs == 4
-    assert 500 / 0.8 < snaps[0].gen_throughput < 500 / 0.45  # 500 tokens over about 0.5 s
+    assert snaps[0].gen_throughput == 1000.0  # 500 tokens in 0.5 s
     assert snaps[0].cache_hit_rate == 0.75  # 150 hits of 200 queries since the first page
     assert (snaps[1].gen_throughput, snaps[1].cache_hit_rate) == (0.0, 0.0)
     assert snaps[0].seq == 2 and snaps[0].publish_time_ns > 0

@@ -438,7 +438,8 @@ class Scraper:
                  interval: float = DEFAULT_INTERVAL, timeout: float = DEFAULT_TIMEOUT,
                  max_bytes: int = DEFAULT_MAX_BYTES, name_sets: Sequence[NameSet] = BUILTIN,
                  on_write: Callable[[], None] | None = None,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         from prometheus_client import CollectorRegistry, Counter
 
         if interval < MIN_INTERVAL:
@@ -456,7 +457,8 @@ class Scraper:
         self._names = sorted(set().union(*(n.metric_names() for n in self.name_sets)),
                              key=len, reverse=True)  # longest first: a prefix never hides a longer name
         self._on_write = on_write
-        self._clock = clock
+        self._clock = clock  # publish times (Unix ns)
+        self._monotonic = monotonic  # the counters' rates
         results = Counter("loadsvc_scrapes", "Scrapes of engines' /metrics, per result", ["result"],
                           registry=self.registry)
         self._ok = results.labels(result="ok")
@@ -604,7 +606,7 @@ class Scraper:
         ranks = self._ranks(names, by_name)
         if not ranks:
             raise ScrapeFailed("no_ranks", f"{names.name} names found but no rank with a usable value")
-        now = time.monotonic()
+        now = self._monotonic()
         wrote = False
         for label_rank in sorted(ranks):
             rank = state.target.first_rank + label_rank
