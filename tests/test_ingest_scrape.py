@@ -498,3 +498,41 @@ def test_a_real_vllms_metrics_show_up_as_healthy_ranks(vllm_python: Path, tiny_m
         wait_for(lambda: {ld["status"] for ld in _loads(serve).values()} == {"unreachable"},
                  UNREACHABLE_AFTER + 3, "the ranks unreachable")
         assert math.isfinite(_metric(serve, "loadsvc_scrapes_total", result="unreachable"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sglang-endpoint", "tcp://h:5559"], "--sglang-endpoint 'tcp://h:5559': expected ENDPOINT=RANK"),
+    (["--sglang-endpoint", "h:5559=0"], "--sglang-endpoint 'h:5559': expected tcp://HOST:PORT=RANK"),
+    (["--sglang-endpoint", "tcp://h:5559=4"], "--sglang-endpoint rank 4 is outside --dp-size 2"),
+    (["--sglang-server", "h:30000"], "--sglang-server 'h:30000': expected http(s)://HOST:PORT[=RANK]"),
+    (["--scrape", "h:8000"], "'h:8000': expected http(s)://HOST:PORT[/PATH][=RANK]"),
+    (["--scrape", "http://a", "--scrape", "http://b", "--ingest-max-endpoints", "1"],
+     "0 --sglang-endpoint and 2 --scrape, more than --ingest-max-endpoints 1"),
+    (["--scrape", "http://a", "--scrape-map", "/nonexistent/map.json"], "--scrape-map /nonexistent/map.json: No such"),
+])
+def test_serve_ingest_flags_that_do_not_fit_are_one_line_errors(argv: list[str], message: str) -> None:
+    from loadsvc.cli import _serve_settings, build_parser
+
+    args = build_parser().parse_args(["serve", "--shm", "/tmp/x.shm", "--dp-size", "2", *argv])
+    with pytest.raises(SystemExit) as e:
+        _serve_settings(args)
+    assert message in str(e.value.code)
+
+
+def test_serve_ingest_flags_parse_into_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadsvc.cli import _serve_settings, build_parser
+
+    args = build_parser().parse_args([
+        "serve", "--shm", "/tmp/x.shm", "--dp-size", "4", "--sglang-endpoint", "tcp://10.0.0.5:5559=1",
+        "--sglang-server", "http://h:30000=2", "--scrape", "http://v:8000", "--scrape-interval-ms", "250",
+        "--scrape-timeout-ms", "400", "--scrape-max-bytes", "1000000", "--sglang-max-rate", "50"])
+    ingest = _serve_settings(args).ingest
+    assert ingest is not None
+    assert (ingest.sglang_endpoints, ingest.sglang_servers, ingest.scrape) == (
+        (("tcp://10.0.0.5:5559", 1),), (("http://h:30000", 2),), (("http://v:8000/metrics", 0),))
+    assert (ingest.scrape_interval, ingest.scrape_timeout, ingest.scrape_max_bytes, ingest.sglang_max_rate) == (
+        0.25, 0.4, 1000000, 50.0)
+    assert _serve_settings(build_parser().parse_args(["serve", "--shm", "/tmp/x.shm"])).ingest is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--shm", "/tmp/x.shm", "--scrape-interval-ms", "10"])
+    assert "the scrape interval's floor is 20 ms" in capsys.readouterr().err
