@@ -450,39 +450,25 @@ def test_a_real_vllms_metrics_show_up_as_healthy_ranks(vllm_python: Path, tiny_m
         rows = _get_rows(serve)
         assert len(rows) == 2 and all("healthy" in row for row in rows), rows
 
-        # A burst (4 running per engine, the rest waiting): running and waiting move on serve's
-        # ranks as on vLLM's own gauges; each side sampled on a thread of its own.
+        # A burst (4 seats per engine, 16 requests each): running and waiting move on serve's ranks,
+        # sampled on a thread while it runs (vLLM's own /metrics answers slowly while it is busy).
         ours: list[dict[int, tuple[int, int]]] = []
-        theirs: list[dict[int, tuple[int, int]]] = []
         done = threading.Event()
 
-        def gauges() -> dict[int, tuple[int, int]]:
-            text = httpx.get(server.url + "/metrics", timeout=5).text
-            running = {int(e): int(float(v)) for e, v in
-                       re.findall(r'^vllm:num_requests_running{engine="(\d+)"[^}]*} (\S+)$', text, re.M)}
-            waiting = {int(e): int(float(v)) for e, v in
-                       re.findall(r'^vllm:num_requests_waiting{engine="(\d+)"[^}]*} (\S+)$', text, re.M)}
-            return {e: (running[e], waiting[e]) for e in running}
-
-        def sample(into: list[dict[int, tuple[int, int]]], read: Any) -> None:
+        def sample() -> None:
             while not done.is_set():
-                into.append(read())
+                ours.append({r: (ld["num_running_reqs"], ld["num_waiting_reqs"]) for r, ld in _loads(serve).items()})
                 time.sleep(0.02)
 
-        samplers = [threading.Thread(target=sample, args=(ours, lambda: {
-                        r: (ld["num_running_reqs"], ld["num_waiting_reqs"]) for r, ld in _loads(serve).items()})),
-                    threading.Thread(target=sample, args=(theirs, gauges))]
-        for t in samplers:
-            t.start()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
         try:
             codes = asyncio.run(completions(server.url, str(tiny_model), 32, 200))
         finally:
             done.set()
-            for t in samplers:
-                t.join(30)
+            sampler.join(30)
         assert codes == [200] * 32
         for rank in (0, 1):
-            assert max(s[rank][0] for s in theirs) == 4 and max(s[rank][1] for s in theirs) > 0, theirs
             assert max(s[rank][0] for s in ours) == 4, ours
             assert 0 < max(s[rank][1] for s in ours) <= 32 - 2 * 4, ours
         wait_for(lambda: {r: (ld["num_running_reqs"], ld["num_waiting_reqs"]) for r, ld in _loads(serve).items()}
