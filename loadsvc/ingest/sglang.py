@@ -372,21 +372,22 @@ class SglangSubscriber:
         poller = zmq.Poller()
         next_region_check = time.monotonic() + REGION_CHECK
         try:
-            self._apply(ctx, poller, initial=True)
+            self._apply(ctx, poller)
             while not self._stopping.is_set():
                 try:
                     if not self._changes.empty():
                         self._apply(ctx, poller)
                     events = dict(poller.poll(self._poll_timeout_ms()))
                     wrote = False
-                    # Monitors first: a connection's event is queued before its first frame.
-                    for ep in list(self._endpoints.values()):
-                        if ep.monitor is not None and ep.monitor in events:
-                            self._drain_monitor(ep)
                     for sock in events:
                         owner = self._by_socket.get(sock)
-                        if owner is None or sock is not owner.sock:
-                            continue  # a monitor (drained above), or an endpoint closed meanwhile
+                        if owner is None:
+                            continue  # an endpoint closed meanwhile
+                        # Its monitor first, even when only the data socket woke us: a connection's
+                        # event is queued before that connection's first frame.
+                        self._drain_monitor(owner)
+                        if sock is not owner.sock:
+                            continue
                         for _ in range(BATCH):
                             try:
                                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=True)
@@ -415,7 +416,7 @@ class SglangSubscriber:
             return 100
         return max(0, min(100, math.ceil((min(due) - time.monotonic()) * 1000)))
 
-    def _apply(self, ctx: zmq.Context, poller: zmq.Poller, initial: bool = False) -> None:
+    def _apply(self, ctx: zmq.Context, poller: zmq.Poller) -> None:
         """Open and close sockets so they match every source's endpoints."""
         while True:
             try:
@@ -488,7 +489,8 @@ class SglangSubscriber:
         self._endpoints.pop(ep.address, None)
 
     def _drain_monitor(self, ep: _Endpoint) -> None:
-        assert ep.monitor is not None
+        if ep.monitor is None:
+            return
         while True:
             try:
                 event = recv_monitor_message(ep.monitor, zmq.NOBLOCK)["event"]
