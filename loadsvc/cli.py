@@ -1,13 +1,13 @@
 """The `loadsvc` command: parses flags once into settings and hands them to a component.
 
     loadsvc demo                      simulator + server on 127.0.0.1, until Ctrl-C
-    loadsvc serve --shm PATH          gRPC + REST over a region (and a ZMQ collector)
+    loadsvc serve --shm PATH          gRPC + REST over a region (a ZMQ collector, SGLang streams, scrapes)
     loadsvc simulate --shm PATH ...   an engine simulator publishing load
     loadsvc get / watch               read the loads over gRPC
     loadsvc keys gen DIR NAME         CURVE key pair for the relay
     loadsvc engine                    a toy inference engine serving loads itself
     loadsvc router --worker URL=GRPC  the reference P2C router in front of engines
-    loadsvc bench shm|rest|grpc|relay|routing|soak|vllm
+    loadsvc bench shm|rest|grpc|relay|routing|soak|vllm|ingest
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from loadsvc.settings import (
     EngineSettings,
     GrpcLimits,
     HttpLimits,
+    IngestSettings,
     RouterSettings,
     ServeSettings,
     SimulateSettings,
@@ -192,6 +193,93 @@ def _http_limits(args: argparse.Namespace) -> HttpLimits:
                       max_body_bytes=getattr(args, "http_max_body_bytes", d.max_body_bytes))
 
 
+def _add_ingest_args(p: argparse.ArgumentParser) -> None:
+    """serve's flags for engines that run none of loadsvc's code (loadsvc/ingest/, docs/engines.md)."""
+    g = p.add_argument_group("ingest: SGLang load streams and Prometheus /metrics into the region")
+    g.add_argument("--sglang-endpoint", action="append", metavar="ENDPOINT=RANK",
+                   help="an SGLang scheduler's load PUB socket (--load-publish-endpoint) and the region "
+                        "rank it fills, e.g. tcp://10.0.0.5:5559=0 (repeat per rank)")
+    g.add_argument("--sglang-server", action="append", metavar="URL[=RANK]",
+                   help="an SGLang server whose /server_info names its load sockets; its rank r fills "
+                        "region rank RANK + r (RANK default 0; repeat per server)")
+    g.add_argument("--sglang-max-rate", type=_positive_float, default=200.0, metavar="HZ",
+                   help="writes per second per SGLang endpoint at most; a frame arriving sooner waits "
+                        "for its turn and a newer one replaces it (default %(default)s)")
+    g.add_argument("--sglang-max-frame-bytes", type=_positive_int, default=4096, metavar="BYTES",
+                   help="refuse SGLang frames with a part larger than this many bytes (default %(default)s)")
+    g.add_argument("--scrape", action="append", metavar="URL[=RANK]",
+                   help="an engine's Prometheus /metrics (vLLM, SGLang, or --scrape-map's names); rank "
+                        "label N fills region rank RANK + N (RANK default 0; repeat per URL)")
+    g.add_argument("--scrape-interval-ms", type=_scrape_interval_ms, default=100, metavar="MS",
+                   help="milliseconds between two scrapes of one URL, at least 20 (default %(default)s)")
+    g.add_argument("--scrape-timeout-ms", type=_positive_int, default=1000, metavar="MS",
+                   help="milliseconds one scrape may take, the page included; a late one fails and "
+                        "the rank ages (default %(default)s)")
+    g.add_argument("--scrape-max-bytes", type=_positive_int, default=4 * 1024 * 1024, metavar="BYTES",
+                   help="refuse a /metrics page larger than this many bytes, unparsed (default %(default)s)")
+    g.add_argument("--scrape-map", type=Path, default=None, metavar="FILE",
+                   help="JSON name set for an engine that is neither vLLM nor SGLang (docs/engines.md)")
+    g.add_argument("--ingest-max-endpoints", type=_positive_int, default=256, metavar="N",
+                   help="SGLang endpoints (given and discovered) plus scrape URLs, at most "
+                        "(default %(default)s)")
+
+
+def _scrape_interval_ms(text: str) -> int:
+    value = _positive_int(text)
+    if value < 20:
+        raise argparse.ArgumentTypeError(f"the scrape interval's floor is 20 ms, got {text!r}")
+    return value
+
+
+def _rank_pairs(values: list[str] | None, flag: str, *, rank_required: bool) -> tuple[tuple[str, int], ...]:
+    """['tcp://h:5559=0', ...] -> (('tcp://h:5559', 0), ...); SystemExit naming the flag and value."""
+    pairs = []
+    for text in values or ():
+        head, sep, tail = text.rpartition("=")
+        if sep and tail.strip().isdigit():
+            pairs.append((head.strip(), int(tail)))
+        elif rank_required:
+            raise SystemExit(f"loadsvc serve: {flag} {text!r}: expected ENDPOINT=RANK, e.g. tcp://10.0.0.5:5559=0")
+        else:
+            pairs.append((text.strip(), 0))
+    return tuple(pairs)
+
+
+def _ingest_settings(args: argparse.Namespace) -> IngestSettings | None:
+    endpoints = _rank_pairs(args.sglang_endpoint, "--sglang-endpoint", rank_required=True)
+    servers = _rank_pairs(args.sglang_server, "--sglang-server", rank_required=False)
+    if not (endpoints or servers or args.scrape):
+        return None
+    from loadsvc.ingest.scrape import load_name_set, parse_target
+
+    for address, _ in endpoints:
+        if not address.startswith(("tcp://", "ipc://")):
+            raise SystemExit(f"loadsvc serve: --sglang-endpoint {address!r}: expected tcp://HOST:PORT=RANK")
+    for url, _ in servers:
+        if not url.startswith(("http://", "https://")):
+            raise SystemExit(f"loadsvc serve: --sglang-server {url!r}: expected http(s)://HOST:PORT[=RANK]")
+    try:
+        targets = [parse_target(text) for text in args.scrape or ()]
+        if args.scrape_map is not None:
+            load_name_set(args.scrape_map)
+    except ValueError as e:
+        raise SystemExit(f"loadsvc serve: {e}") from None
+    if len(endpoints) + len(targets) > args.ingest_max_endpoints:
+        raise SystemExit(f"loadsvc serve: {len(endpoints)} --sglang-endpoint and {len(targets)} --scrape, "
+                         f"more than --ingest-max-endpoints {args.ingest_max_endpoints}")
+    if args.dp_size is not None:
+        for flag, rank in [("--sglang-endpoint", r) for _, r in endpoints]:
+            if rank >= args.dp_size:
+                raise SystemExit(f"loadsvc serve: {flag} rank {rank} is outside --dp-size {args.dp_size}")
+    return IngestSettings(
+        sglang_endpoints=endpoints, sglang_servers=servers, sglang_max_rate=args.sglang_max_rate,
+        sglang_max_frame_bytes=args.sglang_max_frame_bytes,
+        scrape=tuple((t.url, t.first_rank) for t in targets),
+        scrape_interval=args.scrape_interval_ms / 1000, scrape_timeout=args.scrape_timeout_ms / 1000,
+        scrape_max_bytes=args.scrape_max_bytes, scrape_map=args.scrape_map,
+        max_endpoints=args.ingest_max_endpoints)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loadsvc",
@@ -270,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-idle-timeout", type=_positive_float, default=g.idle_timeout, metavar="S",
                    help="a gRPC connection without a call this long is closed (GOAWAY; clients "
                         "reconnect) (default %(default)s)")
+    _add_ingest_args(p)
 
     p = sub.add_parser("simulate", help="publish simulated engine load",
                        description="An engine simulator: arrivals, queues that build and drain, token "
@@ -410,6 +499,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record() -> WatchLoads lag samples (default %(default)s)")
     b.add_argument("--model", type=Path, default=None,
                    help="a model directory (default: a tiny random Llama built for the run)")
+    b = bsub.add_parser("ingest", help="SGLang streams and /metrics scrapes into serve, beside the relay",
+                        description="Frames/s and CPU per frame one serve takes from 64 SGLang-style PUB sockets "
+                                    "and, in the same run, from 64 relay publishers; CPU per scrape of a real "
+                                    "vLLM /metrics page (captured once where the vLLM venv exists, else "
+                                    "`loadsvc engine`'s).")
+    b.add_argument("--seconds", type=_positive_float, default=3.0,
+                   help="length of each measured round, in seconds (default %(default)s)")
+    b.add_argument("--rounds", type=_positive_int, default=3,
+                   help="rounds per intake; the table shows medians (default %(default)s)")
+    b.add_argument("--endpoints", type=_positive_int, default=16,
+                   help="HTTP endpoints serving the page that serve scrapes every 100 ms (default %(default)s)")
+    b.add_argument("--page", default="auto", metavar="auto|engine|FILE",
+                   help="the /metrics page: auto (a real vLLM's, captured once and cached, else "
+                        "`loadsvc engine`'s), engine, or a file (default %(default)s)")
     b = bsub.add_parser("soak", help="long run: 8 ranks at 100 Hz, 200 watchers, REST load")
     b.add_argument("--minutes", type=_positive_float, default=10.0,
                    help="length of the run, in minutes (default %(default)s)")
@@ -456,6 +559,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         max_frame_bytes=args.max_frame_bytes,
         grpc_workers=args.grpc_workers,
         max_streams=args.max_streams,
+        ingest=_ingest_settings(args),
         http_limits=_http_limits(args),
         grpc_limits=GrpcLimits(max_connections=args.grpc_max_connections,
                                max_streams_per_connection=args.grpc_max_streams,

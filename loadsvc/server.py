@@ -4,6 +4,7 @@
          ^                                      +--> uvicorn + FastAPI (rest.create_app)
          |                                      one asyncio loop (uvloop when installed)
     Collector (--collect, ZMQ) relays remote ranks into the region
+    Ingest (--sglang-endpoint/--sglang-server, --scrape) writes engines' own load into it
 
     --grpc-workers N (N > 1): N - 1 more processes, each a LoadStore over the same
     region and a grpc.aio server on the same port (SO_REUSEPORT); the kernel
@@ -238,6 +239,7 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
     http_task: asyncio.Task[None] | None = None
     uv: Any = None
     collector: Any = None
+    ingest: Any = None
     workers: _Workers | None = None
     grpc_started = False
     try:
@@ -265,6 +267,12 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
             collector = Collector(settings.collector, registry=registry,
                                   on_write=lambda: loop.call_soon_threadsafe(store.poll))
             await collector.start()
+        if settings.ingest is not None:
+            from loadsvc.ingest import Ingest
+
+            loop = asyncio.get_running_loop()
+            ingest = Ingest(settings, registry=registry, on_write=lambda: loop.call_soon_threadsafe(store.poll))
+            await ingest.start()
 
         uv = _uvicorn_server(create_app(store, api_key=settings.api_key, registry=registry),
                              settings, http_port, guard)
@@ -295,6 +303,8 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
         orca.close()  # ORCA streams end now rather than at the end of the gRPC grace period
         if workers is not None:
             workers.signal_stop()  # they stop in parallel with this process
+        if ingest is not None:
+            await ingest.stop()
         await _shutdown(store, grpc_server, grpc_started, services, uv, http_task, http_sock, collector)
         if workers is not None:
             await workers.wait_stopped()

@@ -82,6 +82,22 @@ class CollectorSettings:
 
 
 @dataclass(frozen=True)
+class IngestSettings:
+    """What `loadsvc serve` ingests from engines that run none of loadsvc's code (loadsvc/ingest/)."""
+
+    sglang_endpoints: tuple[tuple[str, int], ...] = ()  # (tcp://HOST:PORT, region rank)
+    sglang_servers: tuple[tuple[str, int], ...] = ()  # (SGLang URL, region rank of its rank 0)
+    sglang_max_rate: float = 200.0  # writes per second per SGLang endpoint
+    sglang_max_frame_bytes: int = 4096  # per message part
+    scrape: tuple[tuple[str, int], ...] = ()  # (/metrics URL, region rank of its rank 0)
+    scrape_interval: float = 0.1  # seconds
+    scrape_timeout: float = 1.0  # seconds per scrape, the page included
+    scrape_max_bytes: int = 4 * 1024 * 1024
+    scrape_map: Path | None = None  # another engine's name set (JSON)
+    max_endpoints: int = 256  # SGLang endpoints (explicit and discovered) plus scrape URLs
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     store: StoreSettings
     host: str = "127.0.0.1"
@@ -99,6 +115,7 @@ class ServeSettings:
     max_streams: int = 4096
     http_limits: HttpLimits = HttpLimits()
     grpc_limits: GrpcLimits = GrpcLimits()
+    ingest: IngestSettings | None = None  # SGLang load streams and /metrics scrapes into the region
 
     @property
     def collector(self) -> CollectorSettings | None:

@@ -196,3 +196,20 @@ def test_go_caller_build_without_go_names_the_install(tmp_path: Path, monkeypatc
 
 def _loads(raw: bytes) -> list[Any]:
     return list(pb.GetLoadsResponse.FromString(raw).loads)
+
+
+def test_bench_ingest_prints_its_table() -> None:
+    """`loadsvc bench ingest` runs (briefly, on `loadsvc engine`'s page) and prints every row."""
+    out = subprocess.run([sys.executable, "-m", "loadsvc", "bench", "ingest", "--seconds", "0.5", "--rounds", "1",
+                          "--endpoints", "2", "--page", "engine"],
+                         capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "160"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in out.stdout.splitlines() if line.count("│") == 6}
+    for label in ("SGLang stream, 64 PUB sockets (frames)", "relay collector, 64 ZmqPublishers (frames)"):
+        sent, written, per_item, _ = rows[label]
+        assert int(written.replace(",", "")) > 0 and per_item.endswith(" µs"), rows[label]
+    assert int(rows["scrape, 2 endpoints x 100 ms (scrapes)"][1]) > 0
+    assert rows["one page in-process: prometheus_client, the whole page"][2].endswith(" ms")
+    assert "page: `loadsvc engine` (SGLang's gauges, DP 2)" in out.stdout
+

@@ -45,6 +45,10 @@ second over the last second), cache_hit_rate (cached / prompt tokens admitted
 over the last second), utilization (running / max_running_requests),
 num_waiting_uncached_tokens, and the ``memory`` and ``queues`` sections.
 
+``GET /metrics`` carries SGLang's scheduler gauges under SGLang's names and labels
+(``sglang:num_running_reqs{dp_rank="0",...}``, SGLANG_GAUGES), so a scraper that
+reads SGLang reads this engine too.
+
 Stopping the publisher alone (routers then see the ranks go stale while the
 engine keeps serving): ``kill -USR1 <pid>`` or ``POST /loadsvc/publisher``
 with ``{"enabled": false}``; ``kill -USR2`` or ``{"enabled": true}`` resumes.
@@ -696,8 +700,59 @@ def create_app(engine: Engine) -> Any:
                              "finish_reason": "length"}],
                 "usage": usage(req, req.max_new)}
 
+    gauges = _sglang_gauges(engine)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:  # SGLang's scheduler gauges, named and labelled as SGLang does
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(gauges), media_type=CONTENT_TYPE_LATEST)
+
     app.include_router(loads_router(engine.store))  # GET /v1/loads, as `loadsvc serve` has it
     return app
+
+
+# (metric, help, LoadSnapshot field): the gauges SGLang's SchedulerMetricsCollector exports
+# under these names (SGLang 0.5.23, python/sglang/srt/observability/metrics_collector.py).
+SGLANG_GAUGES = (
+    ("sglang:num_running_reqs", "The number of running requests.", "num_running_reqs"),
+    ("sglang:num_queue_reqs", "The number of requests in the waiting queue.", "num_waiting_reqs"),
+    ("sglang:token_usage", "The token usage.", "token_usage"),
+    ("sglang:gen_throughput", "The generation throughput (token/s).", "gen_throughput"),
+    ("sglang:cache_hit_rate", "The prefix cache hit rate.", "cache_hit_rate"),
+    ("sglang:num_used_tokens", "The number of used tokens.", "num_used_tokens"),
+    ("sglang:max_total_num_tokens", "Maximum total number of tokens in the KV cache pool.",
+     "max_total_num_tokens"),
+)
+
+
+def _sglang_gauges(engine: Engine) -> Any:
+    """A prometheus_client registry whose /metrics reads each rank's state as SGLang's would show it.
+
+    Labels as SGLang's scheduler sets them: model_name, engine_type ("unified"), tp_rank,
+    pp_rank, moe_ep_rank, and dp_rank when there is more than one rank.
+    """
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
+
+    names = ["model_name", "engine_type", "tp_rank", "pp_rank", "moe_ep_rank"]
+    dp = engine.settings.dp_size > 1
+
+    class Gauges:
+        def collect(self) -> Any:
+            now = time.monotonic()
+            snaps = [r.snapshot(now) for r in engine.ranks]
+            families = [GaugeMetricFamily(name, text, labels=names + ["dp_rank"] * dp)
+                        for name, text, _ in SGLANG_GAUGES]
+            for snap in snaps:
+                labels = [engine.settings.model, "unified", "0", "0", "0"] + [str(snap.dp_rank)] * dp
+                for family, (_, _, attr) in zip(families, SGLANG_GAUGES):
+                    family.add_metric(labels, float(getattr(snap, attr)))
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Gauges())
+    return registry
 
 
 async def _progress(engine: Engine, req: _Request) -> AsyncIterator[tuple[int, bool]]:
