@@ -299,7 +299,7 @@ def _consecutive_ports(n: int) -> int:
     """A base port with n free ports from it on 127.0.0.1."""
     for _ in range(100):
         base = free_port()
-        if base + n <= 65535 and all(conftest.port_is_free(base + i) for i in range(n)):
+        if base + n <= 65535 and all((not conftest.port_in_use(base + i)) for i in range(n)):
             return base
     raise AssertionError(f"no {n} consecutive free ports")
 
