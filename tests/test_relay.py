@@ -42,6 +42,7 @@ from loadsvc.relay import (
     encode_frame,
     generate_keys,
 )
+from loadsvc.core import writer as region_writer
 from loadsvc.relay import collector as relay_collector
 from loadsvc.relay import publisher as relay_publisher
 from loadsvc.settings import CollectorSettings, CurveClientSettings, CurveServerSettings
@@ -427,7 +428,7 @@ def test_no_region_until_one_exists(collector, shm_path):
 
 
 def test_rank_owned_by_a_local_publisher_is_not_taken(collector, shm_path, monkeypatch):
-    monkeypatch.setattr(relay_collector, "CLAIM_RETRY", 0.1)
+    monkeypatch.setattr(region_writer, "CLAIM_RETRY", 0.1)
     c = collector()
     local = ShmPublisher(shm_path, dp_size=DP, dp_rank=3)
     local.publish(snap(3, running=77))

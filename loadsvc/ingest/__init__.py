@@ -10,7 +10,7 @@
       sglang.SglangDiscovery, serve's loop)     check each rank
       check, order per rank, map                      |
           \\                                          /
-           writer.RegionWriter: one ShmPublisher per rank (the relay collector's rules:
+           loadsvc.core.writer.RegionWriter: one writer per rank (the relay collector's rules:
            a rank another live publisher owns is refused, the region's size checked)
                                    v
                  region -> LoadStore -> gRPC / REST / Prometheus (as local ranks)

@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 
 from loadsvc.ingest.fetch import Connection, FetchError
 from loadsvc.ingest.rejects import Rejects
-from loadsvc.ingest.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
+from loadsvc.core.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
 from loadsvc.core.schema import LoadSnapshot
 from loadsvc.settings import StoreSettings
 
@@ -448,7 +448,7 @@ class Scraper:
         if not timeout > 0:
             raise ValueError(f"scrape timeout must be > 0, got {timeout}")
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.writer = RegionWriter(store)
+        self.writer = RegionWriter(store.shm, dp_size=store.dp_size, mode=store.region_mode)
         self.targets = list(targets)
         self.interval = interval
         self.timeout = timeout

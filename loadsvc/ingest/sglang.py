@@ -90,7 +90,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from loadsvc.ingest.rejects import Rejects
-from loadsvc.ingest.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
+from loadsvc.core.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
 from loadsvc.core.schema import LoadSnapshot
 from loadsvc.settings import StoreSettings
 
@@ -303,7 +303,7 @@ class SglangSubscriber:
             raise ValueError(f"{len(endpoints)} SGLang endpoints, more than the limit of {max_endpoints} "
                              "(--ingest-max-endpoints)")
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.writer = RegionWriter(store)
+        self.writer = RegionWriter(store.shm, dp_size=store.dp_size, mode=store.region_mode)
         self.min_interval = 1.0 / max_rate
         self.max_frame_bytes = max_frame_bytes
         self.max_endpoints = max_endpoints

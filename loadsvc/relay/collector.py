@@ -67,7 +67,6 @@ import asyncio
 import collections
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -80,7 +79,7 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from loadsvc.core import schema
-from loadsvc.core.region import PwritePublisher, RegionError, ShmPublisher, ShmReader
+from loadsvc.core.writer import REGION_CHECK, RegionWriter, WriteRefused
 from loadsvc.core.schema import LoadSnapshot
 from loadsvc.relay.frame import (
     FRAME_HEADER,
@@ -100,8 +99,6 @@ RETIRED_EPOCHS = 16  # replaced incarnations remembered per rank
 SEQ_RATE_CAP = 1_000_000  # publishes per second no publisher reaches: bounds a seq jump
 SEQ_SLACK = 1_000  # seq jump allowed on top of SEQ_RATE_CAP * elapsed (a backlog drained at once)
 LOG_EVERY = 10.0  # seconds: at most one log line per reject reason in this interval
-CLAIM_RETRY = 2.0  # seconds before retrying a rank owned by a local publisher
-REGION_CHECK = 1.0  # seconds between checks that the region file is still the same
 AUTH_RELOAD = 2.0  # seconds between looks at the authorized directory
 # Collector socket bounds: frames queued per connection (each at most twice
 # --max-frame-bytes: about 2 MiB per connection by default), and how long a
@@ -210,11 +207,7 @@ class Collector:
         self.bound_endpoint: str | None = None  # after start (the real port for tcp://...:0)
         self._decode = msgspec.msgpack.Decoder(LoadSnapshot).decode
         self._ranks: dict[int, _RankState] = {}
-        self._pubs: dict[int, ShmPublisher] = {}
-        self._claim_retry_at: dict[int, float] = {}
-        self._region_identity: tuple[int, int] | None = None
-        self._dp_size: int | None = None
-        self._dp_size_checked = -math.inf
+        self._writer = RegionWriter(self.path, dp_size=settings.dp_size, mode=settings.region_mode)
         self._last_log: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._thread: threading.Thread | None = None
@@ -362,7 +355,7 @@ class Collector:
                     now = time.monotonic()
                     if now >= next_region_check:
                         next_region_check = now + REGION_CHECK
-                        self._check_region()
+                        self._writer.check_region()
                     if auth is not None and now >= next_auth_check:
                         next_auth_check = now + AUTH_RELOAD
                         stamp = self._auth_dir_stamp()
@@ -380,7 +373,7 @@ class Collector:
             if auth is not None:
                 auth.stop()
             ctx.term()
-            self._close_publishers()
+            self._writer.close()
 
     def _drain_monitor(self, monitor: zmq.Socket) -> None:
         while True:
@@ -448,7 +441,7 @@ class Collector:
                                            "the publisher runs another LoadSnapshot schema")
         if epoch == 0 or seq == 0:
             raise _Rejected("bad_header", f"dp_rank {rank}: epoch {epoch} and seq {seq} must be non-zero")
-        region_size = self._region_dp_size()
+        region_size = self._writer.dp_size()
         if region_size is None:
             raise _Rejected("no_region", f"no region at {self.path} and no --dp-size to create "
                                          "it; start serve with --dp-size N")
@@ -499,25 +492,11 @@ class Collector:
                                         f"{now - at:.3f} s ago (at most {bound}); refused")
 
     def _write(self, rank: int, snapshot: Any, epoch: int, seq: int, received_ns: int) -> None:
-        pub = self._pubs.get(rank)
-        if pub is None:
-            pub = self._claim(rank)
         snapshot.epoch = epoch
-        if not pub.mapping_intact():
-            # A truncated file: the write would not fault (pwrite) but land in a broken region.
-            self._close_publishers()
-            self._dp_size = None
-            self._dp_size_checked = -math.inf
-            raise _Rejected("region_error", f"dp_rank {rank}: region {self.path} was truncated under "
-                                            "the collector; reopening it on a later frame")
         try:
-            pub.publish(snapshot, publish_time_ns=received_ns)
-        except ValueError as e:
-            raise _Rejected("slot_overflow", f"dp_rank {rank}: {e}") from None
-        except OSError as e:  # pwrite into a file truncated since the check (ENOSPC, EFBIG)
-            self._close_publishers()
-            raise _Rejected("region_error",
-                            f"dp_rank {rank}: cannot write {self.path}: {e.strerror}") from None
+            self._writer.write(rank, snapshot, received_ns)
+        except WriteRefused as e:
+            raise _Rejected(e.reason, str(e)) from None
         now = time.monotonic()
         state = self._ranks.get(rank)
         if state is None:
@@ -532,73 +511,6 @@ class Collector:
             state.switch_to(epoch)
         state.seq = seq
         state.at = now
-
-    def _claim(self, rank: int) -> ShmPublisher:
-        now = time.monotonic()
-        if self._claim_retry_at.get(rank, 0.0) > now:
-            raise _Rejected("rank_owned", f"dp_rank {rank} is owned by a local publisher of {self.path}")
-        try:
-            # pwrite, not stores into the mapping: a file truncated under serve must not kill it
-            pub = PwritePublisher(self.path, dp_size=self._dp_size or 0, dp_rank=rank,
-                                  mode=self.settings.region_mode)
-        except RegionError as e:
-            # ShmPublisher says "already" only when another live writer holds the
-            # rank (its record lock); anything else is a problem with the file.
-            if "already" in str(e):
-                self._claim_retry_at[rank] = now + CLAIM_RETRY
-                raise _Rejected("rank_owned", f"dp_rank {rank}: {e}") from None
-            self._dp_size_checked = -math.inf  # look at the region again
-            raise _Rejected("region_error", f"dp_rank {rank}: {e}") from None
-        except (OSError, ValueError) as e:
-            raise _Rejected("region_error", f"dp_rank {rank}: cannot open {self.path}: {e}") from None
-        self._claim_retry_at.pop(rank, None)
-        if self._region_identity is None:
-            try:
-                st = os.stat(self.path)
-                self._region_identity = (st.st_dev, st.st_ino)
-            except OSError:
-                pass  # removed already: the next region check starts afresh
-        self._pubs[rank] = pub
-        return pub
-
-    def _region_dp_size(self) -> int | None:
-        """dp_size of the region the collector writes: --dp-size, else the existing file's."""
-        if self._dp_size is not None:
-            return self._dp_size
-        if self.settings.dp_size is not None:
-            self._dp_size = self.settings.dp_size
-            return self._dp_size
-        now = time.monotonic()
-        if now - self._dp_size_checked < 0.5:  # do not stat the file for every frame
-            return None
-        self._dp_size_checked = now
-        try:
-            with ShmReader(self.path) as reader:
-                self._dp_size = reader.dp_size
-        except RegionError:
-            return None
-        return self._dp_size
-
-    def _check_region(self) -> None:
-        """Start afresh when the region file was removed or replaced under the collector."""
-        if self._region_identity is None:
-            return
-        try:
-            st = os.stat(self.path)
-            same = (st.st_dev, st.st_ino) == self._region_identity
-        except OSError:
-            same = False
-        if not same:
-            log.warning("region %s was removed or replaced; reopening on the next frame", self.path)
-            self._close_publishers()
-            self._dp_size = None
-            self._dp_size_checked = -math.inf
-
-    def _close_publishers(self) -> None:
-        for pub in self._pubs.values():
-            pub.close()
-        self._pubs.clear()
-        self._region_identity = None
 
     def _log_limited(self, key: str, msg: str, *args: Any) -> None:
         """log.info, at most once per key per LOG_EVERY seconds (keys apart from reject reasons)."""

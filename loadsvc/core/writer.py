@@ -1,20 +1,25 @@
 """RegionWriter: writes ranks that arrive from outside the process into the node's region.
 
-    intake thread (SGLang subscriber, scraper) --write(rank, snapshot, t)--> RegionWriter
+    relay collector, SGLang subscriber, scraper (each its own thread)
+        --write(rank, snapshot, t)--> RegionWriter
         region dp_size: --dp-size, else the existing file's        |
         one ShmPublisher per rank, claimed on its first write      v
         (a rank a live local publisher owns is refused and   slot r of the region
          retried every CLAIM_RETRY s)                        (publish time = t)
 
-The rules are the relay collector's (loadsvc/relay/): one writer per rank, a
-rank owned by another live publisher (an engine on this node, the collector, the
-other intake) is refused rather than overwritten, the file's size is checked
-before each write (writing a truncated mapping would kill serve with SIGBUS),
-and a removed or replaced region file is reopened on a later write.
+The one home of the rules every writer inside `loadsvc serve` follows: one
+writer per rank; a rank owned by another live publisher (an engine on this
+node, the collector, another intake) is refused rather than overwritten and
+retried every CLAIM_RETRY s; slots are written with pwrite (PwritePublisher),
+never through the mapping, so a file truncated under serve cannot kill it with
+SIGBUS, and a truncated file is noticed before a write and reopened later; a
+removed or replaced region file (``check_region``, about once a second) is
+reopened on a later write.
 
-Each intake owns one RegionWriter and calls it from its own thread only.
-Refusals are ``WriteRefused`` with a reason of ``WRITE_REASONS``, which the
-intake counts and logs like its own rejects.
+Each writer of serve (the relay collector, each intake) owns one RegionWriter
+and calls it from its own thread only. Refusals are ``WriteRefused`` with a
+reason of ``WRITE_REASONS``, which the caller counts and logs like its own
+rejects.
 """
 
 from __future__ import annotations
@@ -26,15 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc.settings import StoreSettings
-from loadsvc.core.region import RegionError, ShmPublisher, ShmReader
+from loadsvc.core.region import PwritePublisher, RegionError, ShmPublisher, ShmReader
 
 __all__ = ["RegionWriter", "WriteRefused", "WRITE_REASONS", "CLAIM_RETRY", "REGION_CHECK"]
 
-log = logging.getLogger("loadsvc.ingest")
+log = logging.getLogger("loadsvc.region")
 
-CLAIM_RETRY = 2.0  # seconds before retrying a rank another live publisher owns (as the relay's)
-REGION_CHECK = 1.0  # seconds between checks that the region file is still the same (as the relay's)
+CLAIM_RETRY = 2.0  # seconds before retrying a rank another live publisher owns
+REGION_CHECK = 1.0  # seconds between checks that the region file is still the same
 
 WRITE_REASONS: dict[str, str] = {
     "no_region": "no region yet and no --dp-size to create one",
@@ -54,11 +58,17 @@ class WriteRefused(Exception):
 
 
 class RegionWriter:
-    """Writes snapshots of any rank into the region of ``store`` (one ShmPublisher per rank)."""
+    """Writes snapshots of any rank into the region at path (one PwritePublisher per rank).
 
-    def __init__(self, store: StoreSettings) -> None:
-        self.store = store
-        self.path = Path(store.shm)
+    dp_size: create the region with that many ranks if missing (serve's --dp-size);
+    without it the existing file's is used. mode: a created region's file mode.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, dp_size: int | None = None,
+                 mode: int = 0o600) -> None:
+        self.path = Path(path)
+        self._given_dp_size = dp_size
+        self._mode = mode
         self._pubs: dict[int, ShmPublisher] = {}
         self._claim_retry_at: dict[int, float] = {}
         self._region_identity: tuple[int, int] | None = None
@@ -69,8 +79,8 @@ class RegionWriter:
         """dp_size of the region: --dp-size, else the existing file's (None: no region yet)."""
         if self._dp_size is not None:
             return self._dp_size
-        if self.store.dp_size is not None:
-            self._dp_size = self.store.dp_size
+        if self._given_dp_size is not None:
+            self._dp_size = self._given_dp_size
             return self._dp_size
         now = time.monotonic()
         if now - self._dp_size_checked < 0.5:  # do not open the file for every write
@@ -96,21 +106,27 @@ class RegionWriter:
         if pub is None:
             pub = self._claim(rank, size)
         if not pub.mapping_intact():
-            log.error("region %s was truncated under serve; reopening it on a later write", self.path)
+            # A truncated file: the write would not fault (pwrite) but land in a broken region.
             self.close()
-            raise WriteRefused("region_error", f"dp_rank {rank}: region {self.path} was truncated")
+            raise WriteRefused("region_error", f"dp_rank {rank}: region {self.path} was truncated under "
+                                               "serve; reopening it on a later write")
         snapshot.dp_rank = rank
         try:
             pub.publish(snapshot, publish_time_ns=received_ns)
         except ValueError as e:
             raise WriteRefused("slot_overflow", f"dp_rank {rank}: {e}") from None
+        except OSError as e:  # pwrite into a file truncated since the check (ENOSPC, EFBIG)
+            self.close()
+            raise WriteRefused("region_error", f"dp_rank {rank}: cannot write {self.path}: "
+                                               f"{e.strerror}") from None
 
     def _claim(self, rank: int, size: int) -> ShmPublisher:
         now = time.monotonic()
         if self._claim_retry_at.get(rank, 0.0) > now:
             raise WriteRefused("rank_owned", f"dp_rank {rank} is owned by another publisher of {self.path}")
         try:
-            pub = ShmPublisher(self.path, dp_size=size, dp_rank=rank, mode=self.store.region_mode)
+            # pwrite, not stores into the mapping: a file truncated under serve must not kill it
+            pub = PwritePublisher(self.path, dp_size=size, dp_rank=rank, mode=self._mode)
         except RegionError as e:
             # ShmPublisher says "already" only when another live writer holds the rank.
             if "already" in str(e):
@@ -150,6 +166,6 @@ class RegionWriter:
             pub.close()
         self._pubs.clear()
         self._region_identity = None
-        if self.store.dp_size is None:
+        if self._given_dp_size is None:
             self._dp_size = None
             self._dp_size_checked = -math.inf
