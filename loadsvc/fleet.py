@@ -316,3 +316,18 @@ class Fleet:
                         env={"RUST_LOG": os.environ.get("RUST_LOG", "warn")}, _ready=("/readiness", None))
         self._wait(p, timeout)
         return p
+
+    def oracle(self, engines: Sequence[EngineProc], speeds: Sequence[float], *, max_running: int,
+               batch_knee: float = 32.0, seed: int = 0, timeout: float = 30.0) -> Proc:
+        """The routing benchmark's oracle (loadsvc.bench.oracle) in front of engines.
+
+        speeds, max_running, batch_knee: the engines' own settings (its timing model).
+        """
+        port = free_port()
+        cmd = [*python_command("-m", "loadsvc.bench.oracle"), "--port", str(port),
+               "--max-running", str(max_running), "--batch-knee", f"{batch_knee:g}", "--seed", str(seed)]
+        for e, speed in zip(engines, speeds, strict=True):
+            cmd += ["--worker", f"{e.url}={speed:g}"]
+        p = self._spawn(Proc, "oracle", cmd, f"http://{HOST}:{port}", _ready=("/router/workers", None))
+        self._wait(p, timeout)
+        return p
