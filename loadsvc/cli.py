@@ -110,6 +110,18 @@ def _unit_fraction(text: str) -> float:
     return value
 
 
+def _router_kinds(text: str) -> tuple[str, ...]:
+    """'loadsvc P2C,oracle' -> the router kinds of `loadsvc bench routing`, each checked."""
+    from loadsvc.bench.routing import KINDS
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown router kind {', '.join(map(repr, unknown)) or text!r}; "
+                                         f"expected some of: {', '.join(KINDS)}")
+    return kinds
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -359,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--routers", type=_positive_int, default=1,
                    help="replicas of each router kind, the trace split between them round robin "
                         "as an L4 balancer would (the oracle is always one) (default %(default)s)")
+    b.add_argument("--kinds", type=_router_kinds, default=None,
+                   help="router kinds to run, comma-separated, from: round robin, smg power_of_two, "
+                        "vllm-router power_of_two, loadsvc P2C, oracle (default: every one installed)")
+    b.add_argument("--repeats", type=_positive_int, default=1,
+                   help="runs of every router kind at each load, in rotating order; the table shows "
+                        "medians and the targets the median of the ratios within each repeat "
+                        "(default %(default)s)")
     b.add_argument("--direct", type=_unit_fraction, default=0.0,
                    help="fraction of the trace, in [0, 1), sent straight to the engines and "
                         "bypassing every router, the same requests for every kind "

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from loadsvc.bench.routing import KINDS, Result, direct_plan, judge, make_trace
+from loadsvc.bench.routing import KINDS, Result, direct_plan, judge, judge_repeats, make_trace
 from loadsvc.fleet import smg_available, vllm_router_available
 
 
@@ -43,6 +43,16 @@ def test_judge_compares_p2c_p99_with_each_target() -> None:
                             ("oracle", pytest.approx(2.0 / 1.8), 1.3, True)]
     assert judge(group[:1]) == []  # no P2C row: nothing to judge
     assert [j[3] for j in judge([result("loadsvc P2C", 3.0), result("smg power_of_two", 4.0)])] == [False]
+
+
+def test_judge_repeats_takes_the_median_of_the_ratios_within_each_repeat() -> None:
+    def result(kind: str, p99: float, repeat: int) -> Result:
+        return Result(kind, 30.0, latencies=[0.1] * 99 + [p99], repeat=repeat)
+
+    group = [result("loadsvc P2C", 2.0, 0), result("smg power_of_two", 4.0, 0),
+             result("loadsvc P2C", 3.0, 1), result("smg power_of_two", 3.0, 1),
+             result("loadsvc P2C", 2.0, 2), result("smg power_of_two", 2.5, 2)]
+    assert judge_repeats(group) == [("smg power_of_two", 0.8, [0.5, 1.0, 0.8], 0.6, False)]
 
 
 @pytest.mark.timeout(300)

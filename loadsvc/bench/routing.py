@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,7 @@ import httpx
 from loadsvc.bench.oracle import DIRECT_HEADER
 from loadsvc.fleet import EngineProc, Fleet, Proc, smg_available, vllm_router_available
 
-__all__ = ["run", "Trace", "Result", "make_trace", "direct_plan", "judge", "KINDS"]
+__all__ = ["run", "Trace", "Result", "make_trace", "direct_plan", "judge", "judge_repeats", "KINDS"]
 
 SPEEDS = (1.0, 1.0, 1.0, 0.5)
 MAX_RUNNING = 8  # per engine: small, so queues form near saturation
@@ -103,6 +104,7 @@ class Result:
     span: float = 0.0
     share: list[int] = field(default_factory=list)
     note: str = ""
+    repeat: int = 0
 
     def pct(self, q: float) -> float:
         xs = sorted(self.latencies)
@@ -294,6 +296,26 @@ def judge(group: list[Result]) -> list[tuple[str, float, float, bool]]:
     return out
 
 
+def judge_repeats(group: list[Result]) -> list[tuple[str, float, list[float], float, bool]]:
+    """judge() within each repeat of one load, then the median: (kind, median ratio, the ratios,
+    bound, met by the median)."""
+    repeats: dict[int, list[Result]] = {}
+    for r in group:
+        repeats.setdefault(r.repeat, []).append(r)
+    ratios: dict[str, list[float]] = {}
+    bounds: dict[str, float] = {}
+    for rep in sorted(repeats):
+        for kind, ratio, bound, _ in judge(repeats[rep]):
+            ratios.setdefault(kind, []).append(ratio)
+            bounds[kind] = bound
+    return [(kind, statistics.median(xs), xs, bounds[kind], statistics.median(xs) <= bounds[kind])
+            for kind, xs in ratios.items()]
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -304,9 +326,9 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     console = Console(width=max(100, Console().width))
     loads = tuple(args.loads)
-    kinds = list(KINDS)
+    kinds = [k for k in KINDS if k in args.kinds] if args.kinds else list(KINDS)
     for kind, why in ((SMG, smg_available()), (VLLM_ROUTER, vllm_router_available())):
-        if why:
+        if why and kind in kinds:
             console.print(f"[yellow]{kind} left out: {why}[/yellow]")
             kinds.remove(kind)
     info = machine()
@@ -335,12 +357,21 @@ def run(args: argparse.Namespace) -> int:
         setup = Setup(engines, args.routers, plan, args.seed)
         for load in loads:
             trace = make_trace(load * capacity, args.requests, args.seed)
-            for kind in kinds:
-                console.print(f"  {kind} at {load:.0%} of capacity ({trace.rate:.1f} req/s) ...")
-                results.append(_run_one(fleet, kind, trace, setup))
+            for rep in range(args.repeats):
+                # each repeat starts one kind later: a machine busy for a while hurts no kind alone
+                order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+                for kind in order:
+                    console.print(f"  {kind} at {load:.0%} of capacity ({trace.rate:.1f} req/s)"
+                                  + (f", repeat {rep + 1} of {args.repeats}" if args.repeats > 1 else "")
+                                  + " ...")
+                    result = _run_one(fleet, kind, trace, setup)
+                    result.repeat = rep
+                    results.append(result)
 
+    many = args.repeats > 1
     table = Table(title=f"Routing quality: time to completion of the same open-loop trace "
-                        f"({args.routers} router(s) per kind, {args.direct:.0%} direct)")
+                        f"({args.routers} router(s) per kind, {args.direct:.0%} direct"
+                        + (f"; medians of {args.repeats} repeats" if many else "") + ")")
     for col, just in (("load", "right"), ("arrivals/s", "right"), ("router", "left"), ("p50 s", "right"),
                       ("p99 s", "right"), ("mean s", "right"), ("done/s", "right"),
                       ("share % (slow last)", "left"), ("errors", "right")):
@@ -349,26 +380,36 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         by_rate.setdefault(r.rate, []).append(r)
     for load, (rate, group) in zip(loads, by_rate.items()):
-        best = min(g.pct(0.99) for g in group if g.router != ORACLE)
-        for r in group:
-            p99 = _fmt_s(r.pct(0.99))
-            total = sum(r.share) or 1
-            table.add_row(f"{load:.0%}", f"{rate:.1f}", r.router, _fmt_s(r.pct(0.5)),
-                          f"[bold]{p99}[/bold]" if r.pct(0.99) == best and r.router != ORACLE else p99,
-                          _fmt_s(sum(r.latencies) / max(1, len(r.latencies))), f"{r.rps:.1f}",
-                          "/".join(f"{100 * s / total:.0f}" for s in r.share), str(r.errors))
+        rows = []
+        for kind in kinds:
+            runs = [r for r in group if r.router == kind]
+            share = [sum(col) for col in zip(*(r.share for r in runs))]
+            rows.append((kind, _median([r.pct(0.5) for r in runs]), _median([r.pct(0.99) for r in runs]),
+                         _median([sum(r.latencies) / max(1, len(r.latencies)) for r in runs]),
+                         _median([r.rps for r in runs]), share, sum(r.errors for r in runs)))
+        best = min(row[2] for row in rows if row[0] != ORACLE)
+        for kind, p50, p99, mean, rps, share, errors in rows:
+            text = _fmt_s(p99)
+            total = sum(share) or 1
+            table.add_row(f"{load:.0%}", f"{rate:.1f}", kind, _fmt_s(p50),
+                          f"[bold]{text}[/bold]" if p99 == best and kind != ORACLE else text,
+                          _fmt_s(mean), f"{rps:.1f}", "/".join(f"{100 * s / total:.0f}" for s in share),
+                          str(errors))
         table.add_section()
     console.print(table)
     for r in results:
         if r.note:
-            console.print(f"{r.router} at {r.rate:.1f} req/s: {r.note}")
+            console.print(f"{r.router} at {r.rate:.1f} req/s" + (f", repeat {r.repeat + 1}" if many else "")
+                          + f": {r.note}")
     setting = "" if (args.routers, args.direct) == (3, 0.3) else \
         f" (set for --routers 3 --direct 0.3; this run: --routers {args.routers} --direct {args.direct:g})"
-    console.print(f"targets for loadsvc P2C's p99{setting}:")
+    console.print(f"targets for loadsvc P2C's p99{setting}"
+                  + (", median of the ratios within each repeat" if many else "") + ":")
     for load, (rate, group) in zip(loads, by_rate.items()):
-        for kind, ratio, bound, met in judge(group):
+        for kind, ratio, ratios, bound, met in judge_repeats(group):
             verdict = "[green]met[/green]" if met else "[red]NOT met[/red]"
-            console.print(f"  at {load:.0%} ({rate:.1f} req/s): {ratio:.2f}x {kind}'s "
+            each = f" (each repeat: {', '.join(f'{x:.2f}' for x in ratios)})" if many else ""
+            console.print(f"  at {load:.0%} ({rate:.1f} req/s): {ratio:.2f}x {kind}'s{each} "
                           f"(target <= {bound:g}x): {verdict}")
     console.print(f"load average after the run: {', '.join(f'{x:.2f}' for x in os.getloadavg())}; "
                   f"took {time.monotonic() - started:.0f} s")
