@@ -106,6 +106,29 @@ def _fractions(text: str) -> tuple[float, ...]:
     return values
 
 
+def _unit_fraction(text: str) -> float:
+    """'0.3' -> 0.3; in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 0.3, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _router_kinds(text: str) -> tuple[str, ...]:
+    """'loadsvc P2C,oracle' -> the router kinds of `loadsvc bench routing`, each checked."""
+    from loadsvc.bench.routing import KINDS
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown router kind {', '.join(map(repr, unknown)) or text!r}; "
+                                         f"expected some of: {', '.join(KINDS)}")
+    return kinds
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -479,11 +502,26 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("relay", help="ZMQ publish to WatchLoads delivery across network namespaces")
     b.add_argument("--seconds", type=_positive_float, default=10.0,
                    help="length of the measured phase, in seconds (default %(default)s)")
-    b = bsub.add_parser("routing", help="routing quality: round robin vs smg vs loadsvc P2C")
+    b = bsub.add_parser("routing", help="routing quality: round robin, smg, vllm-router, loadsvc P2C, "
+                                        "an oracle")
     b.add_argument("--requests", type=_positive_int, default=400, help="requests per run (default %(default)s)")
     b.add_argument("--seed", type=int, default=1, help="seed of the trace (default %(default)s)")
     b.add_argument("--loads", type=_fractions, default=(0.7, 0.9),
                    help="arrival rates as fractions of the calibrated capacity (default 0.7,0.9)")
+    b.add_argument("--routers", type=_positive_int, default=1,
+                   help="replicas of each router kind, the trace split between them round robin "
+                        "as an L4 balancer would (the oracle is always one) (default %(default)s)")
+    b.add_argument("--kinds", type=_router_kinds, default=None,
+                   help="router kinds to run, comma-separated, from: round robin, smg power_of_two, "
+                        "vllm-router power_of_two, loadsvc P2C, oracle (default: every one installed)")
+    b.add_argument("--repeats", type=_positive_int, default=1,
+                   help="runs of every router kind at each load, in rotating order; the table shows "
+                        "medians and the targets the median of the ratios within each repeat "
+                        "(default %(default)s)")
+    b.add_argument("--direct", type=_unit_fraction, default=0.0,
+                   help="fraction of the trace, in [0, 1), sent straight to the engines and "
+                        "bypassing every router, the same requests for every kind "
+                        "(default %(default)s)")
     b = bsub.add_parser("vllm", help="the vLLM plugin's cost per record() call and its lag to WatchLoads",
                         description="Captures a real vLLM's stats (CPU, a tiny Llama built here), replays "
                                     "them through loadsvc's stat logger and a no-op one, and times record() "

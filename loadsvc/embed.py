@@ -9,8 +9,10 @@
                                                          ORCA OpenRcaService, health, reflection
 
 Routers that poll the engine itself then see loadsvc's view: the SGLang gateway
-polls each worker's ``/v1/loads``, and gRPC ``weighted_round_robin`` clients
-read ORCA on the very connection they balance. The store reads the same region
+polls each worker's ``/v1/loads``, vllm-router's ``power_of_two`` its
+``/get_load`` (``loads_router(store, get_load=True)``), and gRPC
+``weighted_round_robin`` clients (and Envoy) read ORCA on the very connection
+they balance. The store reads the same region
 as ``loadsvc serve`` would; nothing is published twice.
 
     store = open_store("/dev/shm/loadsvc-default.shm")
@@ -63,18 +65,21 @@ def open_store(path: str | os.PathLike[str] | None = None, *, dp_size: int | Non
 
 
 def loads_router(store: LoadStore, *, api_key: str | None = None, health: bool = False,
-                 metrics: bool = False, registry: Any = None) -> Any:
+                 metrics: bool = False, registry: Any = None, get_load: bool = False) -> Any:
     """A FastAPI APIRouter serving ``GET /v1/loads`` over store, exactly as ``loadsvc serve`` does.
 
     ``app.include_router(loads_router(store))`` in the engine's FastAPI app. Only
     ``/v1/loads`` by default: an engine has its own ``/health`` (and often
     ``/metrics``); health=True / metrics=True add loadsvc's (registry: the
-    prometheus_client CollectorRegistry /metrics exposes). api_key: when set,
-    ``/v1/loads`` and ``/metrics`` need ``Authorization: Bearer <api_key>``.
+    prometheus_client CollectorRegistry /metrics exposes). get_load=True adds
+    ``GET /get_load``, ``{"load": running + waiting}``: what vllm-router's
+    ``power_of_two`` polls on each worker. api_key: when set, ``/v1/loads``,
+    ``/get_load`` and ``/metrics`` need ``Authorization: Bearer <api_key>``.
     """
     from loadsvc.surfaces.rest import create_router
 
-    return create_router(store, api_key=api_key, registry=registry, health=health, metrics=metrics)
+    return create_router(store, api_key=api_key, registry=registry, health=health, metrics=metrics,
+                         get_load=get_load)
 
 
 def add_to_grpc_server(server: grpc.aio.Server, store: LoadStore, *, sglang: bool = True,

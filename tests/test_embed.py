@@ -69,6 +69,24 @@ async def test_loads_router_api_key(region: Path) -> None:
         assert ok.status_code == 200 and ok.json()["dp_rank_count"] == 2
 
 
+async def test_loads_router_get_load_in_vllm_routers_shape(region: Path) -> None:
+    plain = engine_app(region)
+    app = engine_app(region, get_load=True, api_key="k3y")
+    auth = {"Authorization": "Bearer k3y"}
+    with ShmPublisher(region, dp_size=2, dp_rank=0) as a, ShmPublisher(region, dp_size=2, dp_rank=1) as b:
+        a.publish(LoadSnapshot(dp_rank=0, num_running_reqs=3, num_waiting_reqs=1))
+        b.publish(LoadSnapshot(dp_rank=1, num_running_reqs=7, num_waiting_reqs=2))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=plain), base_url="http://e") as c:
+            assert (await c.get("/get_load")).status_code == 404  # only when asked for
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://e") as c:
+            assert (await c.get("/get_load")).status_code == 401  # behind the API key, as /v1/loads
+            # vllm-router reads the integer `load` of an object: running + waiting over the ranks
+            assert (await c.get("/get_load", headers=auth)).json() == {
+                "load": 13, "num_running_reqs": 10, "num_waiting_reqs": 3, "ranks": 2}
+            spec = (await c.get("/openapi.json")).json()
+            assert spec["paths"]["/get_load"]["get"]["operationId"] == "get_load"
+
+
 def test_open_store_defaults_and_checks(region: Path) -> None:
     store = open_store(region, dp_size=3, stale_after=0.5, unreachable_after=2.0)
     assert store.attached and store.dp_size == 3

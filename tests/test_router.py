@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from conftest import drive
 
+from conftest import drive
 from loadsvc.tools.fleet import EngineProc, Fleet
 from loadsvc.tools.router import parse_worker
 
@@ -81,6 +83,56 @@ def test_p2c_skips_an_engine_whose_loads_are_stale(fleet: Fleet) -> None:
     while not state(router.url)["workers"][1]["ranks"][0]["healthy"]:
         assert time.monotonic() < deadline, "the router never saw b healthy again"
         time.sleep(0.05)
+
+
+async def async_wait_for(predicate: Any, what: str, timeout: float = 10.0) -> Any:
+    """wait_for without blocking the event loop (requests of the test are in flight on it)."""
+    deadline = time.monotonic() + timeout
+    while not (value := await asyncio.to_thread(predicate)):
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.05)
+    return value
+
+
+@contextlib.asynccontextmanager
+async def held(url: str, n: int) -> AsyncIterator[None]:
+    """n long streaming requests open through url (an engine or the router) until the exit."""
+    async with httpx.AsyncClient(timeout=30) as client, contextlib.AsyncExitStack() as stack:
+        for i in range(n):
+            await stack.enter_async_context(client.stream("POST", url + "/generate", json={
+                "text": f"held {i}", "stream": True, "sampling_params": {"max_new_tokens": 5000}}))
+        yield
+
+
+async def test_p2c_counts_load_it_did_not_send_and_its_own_once(fleet: Fleet) -> None:
+    a = fleet.engine(max_running_requests=4, stale_after=30, wait=False)
+    b = fleet.engine(max_running_requests=4, stale_after=30, wait=False)
+    fleet.wait(a, b)
+    router = fleet.router([a, b], policy="p2c", seed=3)
+
+    def rank(i: int) -> dict[str, Any]:
+        return state(router.url)["workers"][i]["ranks"][0]
+
+    # 12 requests on a that no router sent (4 running, 8 waiting): the router sees them in a's
+    # loads and sends it nothing (a margin of 3x over the rate estimates of a rank just started).
+    async with held(a.url, 12), httpx.AsyncClient(timeout=60) as client:
+        await async_wait_for(lambda: rank(0)["running"] + rank(0)["waiting"] == 12, "the router to see a's 12")
+        assert await drive(router.url, 20, 2, max_new=4) == [200] * 20
+        assert (a.completed(), b.completed()) == (0, 20)
+
+        # 3 of the router's own on b (about 4 s each), once published: counted once, not in the
+        # loads and again as its own.
+        own = [asyncio.create_task(client.post(router.url + "/generate", json={
+            "text": f"own {i}", "sampling_params": {"max_new_tokens": 400}})) for i in range(3)]
+        r = await async_wait_for(lambda: (r := rank(1))["running"] == 3 and r["sent_since_publish"] == 0
+                                 and r, "b's loads to include the router's 3")
+        assert (r["inflight"], r["own_in_view"], r["queued"]) == (3, 3, 3)
+        b.send_signal(signal.SIGUSR1)  # b stops publishing: its loads in the router stay at 3 running
+        assert [x.status_code for x in await asyncio.gather(*own)] == [200] * 3
+    # The router's 3 ended after b's last publish: not counted again from its frozen figures.
+    r = rank(1)
+    assert (r["running"], r["inflight"], r["queued"]) == (3, 0, 0), r
+    b.send_signal(signal.SIGUSR2)
 
 
 def test_engine_gone_requests_still_served(fleet: Fleet) -> None:

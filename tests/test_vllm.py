@@ -11,6 +11,7 @@ under CI (CI=true), where a skip would hide a broken install: they fail.
    idle for 3 x stale_after; SIGKILL turns the ranks stale, then unreachable.
 2. The SGLang gateway (smg power_of_two) in front of two vLLM servers reads the
    numbers loadsvc publishes (KV capacity, max_num_seqs) and routes completions.
+The middleware's /get_load (vllm-router's power_of_two) is checked in 1.
 """
 
 from __future__ import annotations
@@ -146,10 +147,14 @@ def test_vllm_dp2_publishes_through_plugin_and_middleware(vllm_python: Path, tin
         assert http.get(server.url + "/v1/models").json()["data"][0]["id"] == str(tiny_model)
         head = http.head(server.url + "/v1/loads")
         assert head.status_code == 200 and head.content == b""
+        # vllm-router's power_of_two polls /get_load (stock vLLM has none): the middleware serves it.
+        assert http.get(server.url + "/get_load").json() == {
+            "load": 0, "num_running_reqs": 0, "num_waiting_reqs": 0, "ranks": 2}
 
         # A burst: 4 running per engine, the rest waiting; sampled while it runs.
         watch = Watch(serve.grpc_target)
         samples: list[tuple[dict[int, tuple[int, int]], ...]] = []
+        get_loads: list[int] = []
         done = threading.Event()
 
         def sample() -> None:
@@ -158,6 +163,7 @@ def test_vllm_dp2_publishes_through_plugin_and_middleware(vllm_python: Path, tin
                 theirs = metrics_counts(http.get(server.url + "/metrics").text)
                 after = loads_counts(http.get(server.url + "/v1/loads").json())
                 samples.append((before, theirs, after))
+                get_loads.append(http.get(server.url + "/get_load").json()["load"])
                 time.sleep(0.01)
 
         sampler = threading.Thread(target=sample)
@@ -173,6 +179,7 @@ def test_vllm_dp2_publishes_through_plugin_and_middleware(vllm_python: Path, tin
         for rank in (0, 1):
             assert max(s[0][rank][0] for s in samples) == 4, samples
             assert max(s[0][rank][1] for s in samples) > 0, samples
+        assert max(get_loads) > 8, get_loads  # running + waiting over both engines
         # Where loadsvc's view did not change around a /metrics read, vLLM's own gauges agree.
         steady = [s for s in samples if s[0] == s[2]]
         busy = [s for s in steady if any(r or w for r, w in s[0].values())]

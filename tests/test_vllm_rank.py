@@ -196,7 +196,7 @@ def test_settings_from_env() -> None:
             VllmSettings.from_env(env)
 
 
-async def test_middleware_answers_v1_loads_and_passes_the_rest(shm_path: Path) -> None:
+async def test_middleware_answers_v1_loads_get_load_and_passes_the_rest(shm_path: Path) -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:  # stands in for vLLM's app
         await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
         await send({"type": "http.response.body", "body": scope["path"].encode()})
@@ -224,6 +224,10 @@ async def test_middleware_answers_v1_loads_and_passes_the_rest(shm_path: Path) -
             assert other.text == "/v1/models" and other.headers["x-app"] == "1"
             posted = await client.post("/v1/loads")
             assert posted.headers["x-app"] == "1"  # not ours: vLLM answers (404/405 there)
+            # vllm-router's power_of_two polls /get_load for {"load": N} (stock vLLM has none)
+            assert (await client.get("/get_load")).status_code == 401
+            assert (await client.get("/get_load", headers=auth)).json() == {
+                "load": 6, "num_running_reqs": 5, "num_waiting_reqs": 1, "ranks": 1}
         with ShmReader(shm_path) as reader:
             assert reader.read(1).num_running_reqs == 5
         store.close()

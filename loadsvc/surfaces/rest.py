@@ -486,6 +486,28 @@ class _Loads:
         body = view.encoded(("prometheus", sel), lambda v: _prometheus_body(v, sel))
         return 200, body, [(b"content-type", _PROM_CT), (b"content-length", b"%d" % len(body))]
 
+    def respond_get_load(self, scope: dict[str, Any]) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """(status, body, raw headers) for one GET /get_load: vllm-router's ``{"load": N}``."""
+        if self.expected is not None and not self.authorized(scope):
+            return self.unauthorized("/get_load")
+        self.metrics.count("/get_load", 200)
+        body = self.store.view().encoded("get_load", _get_load_body)
+        return 200, body, [(b"content-type", _JSON_CT), (b"content-length", b"%d" % len(body))]
+
+
+def _get_load_body(view: View) -> bytes:
+    """Requests in the engine: running + waiting over every rank that is not unreachable.
+
+    vllm-router's power_of_two reads the integer ``load`` of each worker's
+    GET /get_load and sends to the lower of two; a stale rank still counts with
+    its last published numbers (left out, it would make a silent engine look idle).
+    """
+    live = [s for s in view.snapshots if s.status is not Status.UNREACHABLE]
+    running = sum(s.num_running_reqs for s in live)
+    waiting = sum(s.num_waiting_reqs for s in live)
+    return _encode_json({"load": running + waiting, "num_running_reqs": running,
+                         "num_waiting_reqs": waiting, "ranks": len(live)})
+
 
 _JSON_CT = JSON_CONTENT_TYPE.encode()
 _PROM_CT = PROMETHEUS_CONTENT_TYPE.encode()
@@ -541,15 +563,17 @@ class _App(FastAPI):
 
 def create_router(store: LoadStore, *, api_key: str | None = None,
                   registry: CollectorRegistry | None = None, health: bool = True,
-                  metrics: bool = True) -> APIRouter:
+                  metrics: bool = True, get_load: bool = False) -> APIRouter:
     """GET /v1/loads, /health and /metrics over store, as a router to mount in any FastAPI app.
 
     api_key: when set, /v1/loads and /metrics need ``Authorization: Bearer <api_key>``
     (/health stays open). registry: where the REST counters and the region's
     reader counters are registered and what /metrics exposes (a new one if None).
     health=False / metrics=False leave those paths to an engine that has its own.
+    get_load=True adds GET /get_load, the ``{"load": N}`` vllm-router's power_of_two
+    polls on each worker (behind api_key too).
     """
-    return _build(store, api_key, registry, health=health, metrics=metrics)[0]
+    return _build(store, api_key, registry, health=health, metrics=metrics, get_load=get_load)[0]
 
 
 def loads_responder(store: LoadStore, *, api_key: str | None = None,
@@ -563,6 +587,14 @@ def loads_responder(store: LoadStore, *, api_key: str | None = None,
     return _new_loads(store, api_key, registry if registry is not None else CollectorRegistry()).respond
 
 
+def get_load_responder(store: LoadStore, *, api_key: str | None = None,
+                       registry: CollectorRegistry | None = None,
+                       ) -> Callable[[dict[str, Any]], tuple[int, bytes, list[tuple[bytes, bytes]]]]:
+    """GET /get_load (vllm-router's ``{"load": N}``) as a function of an ASGI scope, as loads_responder."""
+    registry = registry if registry is not None else CollectorRegistry()
+    return _new_loads(store, api_key, registry).respond_get_load
+
+
 def _new_loads(store: LoadStore, api_key: str | None, registry: CollectorRegistry) -> _Loads:
     counters = _metrics_for(registry)
     counters.readers.stores.add(store)
@@ -570,7 +602,8 @@ def _new_loads(store: LoadStore, api_key: str | None, registry: CollectorRegistr
 
 
 def _build(store: LoadStore, api_key: str | None, registry: CollectorRegistry | None, *,
-           health: bool = True, metrics: bool = True) -> tuple[APIRouter, _Loads]:
+           health: bool = True, metrics: bool = True,
+           get_load: bool = False) -> tuple[APIRouter, _Loads]:
     registry = registry if registry is not None else CollectorRegistry()
     loads = _new_loads(store, api_key, registry)
     counters = loads.metrics
@@ -612,7 +645,29 @@ def _build(store: LoadStore, api_key: str | None, registry: CollectorRegistry | 
         _add_health(router, store, counters)
     if metrics:
         _add_metrics(router, loads, counters, registry)
+    if get_load:
+        _add_get_load(router, loads)
     return router, loads
+
+
+def _add_get_load(router: APIRouter, loads: _Loads) -> None:
+    @router.get(
+        "/get_load", summary="Requests in the engine (vllm-router's power_of_two)",
+        operation_id="get_load",
+        description="`load`: running + waiting requests over every rank that is not unreachable, "
+                    "the integer vllm-router's `power_of_two` polls on each worker and compares. "
+                    "Needs the API key when the server has one.",
+        responses={200: {"description": "The engine's load", "content": {JSON_CONTENT_TYPE: {"schema": {
+                       "type": "object", "title": "GetLoad", "properties": {
+                           "load": {"type": "integer", "minimum": 0},
+                           "num_running_reqs": {"type": "integer", "minimum": 0},
+                           "num_waiting_reqs": {"type": "integer", "minimum": 0},
+                           "ranks": {"type": "integer", "minimum": 0,
+                                     "description": "ranks counted (healthy or stale)"}},
+                       "required": ["load", "num_running_reqs", "num_waiting_reqs", "ranks"]}}}},
+                   401: _ERROR_401})
+    async def get_load(request: Request) -> Response:
+        return _RawResponse(*loads.respond_get_load(request.scope))
 
 
 def _add_health(router: APIRouter, store: LoadStore, counters: _Metrics) -> None:

@@ -575,11 +575,6 @@ def create_app(engine: Engine) -> Any:
             "owned_by": "sglang",  # the API it speaks: gateways detect the backend from this
             "root": model, "max_model_len": engine.settings.max_total_tokens}]}
 
-    @app.get("/get_load")
-    async def get_load() -> list[dict[str, Any]]:  # SGLang's older per-rank load endpoint
-        return [{"dp_rank": r.index, "num_reqs": r.queue_len, "num_waiting_reqs": len(r.waiting),
-                 "num_tokens": r.reserved + r.waiting_prompt} for r in engine.ranks]
-
     @app.post("/flush_cache")
     async def flush_cache() -> Response:
         for r in engine.ranks:
@@ -708,7 +703,9 @@ def create_app(engine: Engine) -> Any:
 
         return Response(generate_latest(gauges), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(loads_router(engine.store))  # GET /v1/loads, as `loadsvc serve` has it
+    # GET /v1/loads, as `loadsvc serve` has it, and GET /get_load as vllm-router's power_of_two
+    # reads it ({"load": N}; SGLang's own /get_load answers a per-rank list vllm-router cannot read)
+    app.include_router(loads_router(engine.store, get_load=True))
     return app
 
 

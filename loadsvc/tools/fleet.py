@@ -1,10 +1,11 @@
-"""Local fleets for demos, tests and benchmarks: toy engines, a router and the smg gateway.
+"""Local fleets for demos, tests and benchmarks: toy engines, a router, smg and vllm-router.
 
     with Fleet() as fleet:
         a = fleet.engine(speeds=(1.0,))                  # `loadsvc engine` on free loopback ports
         b = fleet.engine(speeds=(0.25,))
         r = fleet.router([a, b], policy="p2c")           # `loadsvc router` in front of them
         g = fleet.smg([a, b], policy="power_of_two")     # the SGLang gateway (pip install smg)
+        v = fleet.vllm_router([a, b])                    # vLLM's router (pip install vllm-router)
         ...                                              # every process gets SIGTERM at exit
 
 Each process runs in its own process group with its output in a log file, and
@@ -31,7 +32,8 @@ import httpx
 from loadsvc._exceptions import LoadsvcError
 from loadsvc.tools.procs import free_port, loadsvc_command, python_command
 
-__all__ = ["Fleet", "FleetError", "Proc", "EngineProc", "VllmProc", "free_port", "smg_available"]
+__all__ = ["Fleet", "FleetError", "Proc", "EngineProc", "VllmProc", "free_port", "smg_available",
+           "vllm_router_available"]
 
 HOST = "127.0.0.1"
 
@@ -44,6 +46,13 @@ def smg_available() -> str | None:
     """None when the smg gateway can run here, else why not."""
     if importlib.util.find_spec("smg") is None:
         return "the smg gateway is not installed (pip install 'smg==1.13.0', part of the test extra)"
+    return None
+
+
+def vllm_router_available() -> str | None:
+    """None when vllm-router can run here, else why not."""
+    if importlib.util.find_spec("vllm_router") is None:
+        return "vllm-router is not installed (pip install 'vllm-router==0.1.17', part of the test extra)"
     return None
 
 
@@ -276,5 +285,42 @@ class Fleet:
             return sum(bool(w.get("is_healthy")) for w in workers) == len(engines)
 
         p = self._spawn(Proc, f"smg-{policy}", cmd, f"http://{HOST}:{port}", _ready=("/workers", all_healthy))
+        self._wait(p, timeout)
+        return p
+
+    def vllm_router(self, engines: Sequence[EngineProc], *, policy: str = "power_of_two",
+                    load_interval: int = 1, args: Sequence[str] = (), timeout: float = 60.0) -> Proc:
+        """vllm-router in front of engines, returned once it answers /readiness.
+
+        load_interval: seconds between its polls of each worker's GET /get_load (whole
+        seconds: vllm-router takes them from --worker-startup-check-interval, which
+        power_of_two also uses as its load poll period; its default is 30).
+        """
+        why = vllm_router_available()
+        if why:
+            raise FleetError(why)
+        port = free_port()
+        cmd = [*python_command("-m", "vllm_router.launch_router"), "--host", HOST, "--port", str(port),
+               "--policy", policy, "--worker-startup-check-interval", str(int(load_interval)),
+               "--prometheus-host", HOST, "--prometheus-port", str(free_port()),
+               "--log-level", "warning", "--worker-urls", *[e.url for e in engines], *args]
+        # RUST_LOG: its --log-level leaves one INFO line per routed request on
+        p = self._spawn(Proc, f"vllm-router-{policy}", cmd, f"http://{HOST}:{port}",
+                        env={"RUST_LOG": os.environ.get("RUST_LOG", "warn")}, _ready=("/readiness", None))
+        self._wait(p, timeout)
+        return p
+
+    def oracle(self, engines: Sequence[EngineProc], speeds: Sequence[float], *, max_running: int,
+               batch_knee: float = 32.0, seed: int = 0, timeout: float = 30.0) -> Proc:
+        """The routing benchmark's oracle (loadsvc.bench.oracle) in front of engines.
+
+        speeds, max_running, batch_knee: the engines' own settings (its timing model).
+        """
+        port = free_port()
+        cmd = [*python_command("-m", "loadsvc.bench.oracle"), "--port", str(port),
+               "--max-running", str(max_running), "--batch-knee", f"{batch_knee:g}", "--seed", str(seed)]
+        for e, speed in zip(engines, speeds, strict=True):
+            cmd += ["--worker", f"{e.url}={speed:g}"]
+        p = self._spawn(Proc, "oracle", cmd, f"http://{HOST}:{port}", _ready=("/router/workers", None))
         self._wait(p, timeout)
         return p

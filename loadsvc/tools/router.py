@@ -1,8 +1,8 @@
 """The reference P2C router: an HTTP proxy in front of engines, routing on loads pushed to it.
 
     client --HTTP--> Router (ASGI) --pick a target--> httpx --> engine i  /generate, /v1/...
-                        ^   score(target) = running + waiting (latest WatchLoads message)
-                        |                 + requests sent there after that message's publish
+                        ^   score(target): requests ahead = the others' (running + waiting of the
+                        |   latest WatchLoads message, less ours it counts) + ours in flight now
     engine i gRPC --WatchLoads stream (one per engine, grpc.aio)--> per-rank view, fresh within
                                                                      one publish period
 
@@ -12,16 +12,21 @@ drawn). The score estimates how long the new request would take there, in
 units of one output token, for an engine that runs up to M requests as one
 batch (M = max_running_requests) and queues the rest:
 
-    q     = running + waiting + sent_since_publish     (requests ahead of it)
+    q     = max(0, running + waiting - own_in_view) + own_inflight   (requests ahead of it)
     score = (1 + max(0, q + 1 - M) / M) / rate
 
 Below M the request joins the batch at once and takes 1/rate per token; above,
 it first waits for (q + 1 - M) of the batch's M slots to free up, each slot
 turning over once per request duration. running, waiting and M are the rank's
-figures in its latest WatchLoads message; sent_since_publish counts the requests
-this router sent there that the message cannot include yet (sent after its
-publish time, less SLACK_NS for a request still in transit), so a burst between
-two publishes does not all land on one rank. rate is the rank's decode rate per
+figures in its latest WatchLoads message: everybody's requests at its publish
+time (other router replicas', traffic no router sent). own_in_view is how many
+of them were this router's: its requests there sent before the publish (less
+SLACK_NS for one still in transit) and not ended by then. own_inflight is this
+router's requests there now, known exactly. So the load it did not send counts
+as of the last publish, its own as of now, each once: a burst between two
+publishes does not all land on one rank (sent_since_publish, the requests the
+message cannot include yet, are in own_inflight), and a request that ended
+after the publish is not counted again until the next one. rate is the rank's decode rate per
 running request: gen_throughput over the mean num_running_reqs of the messages
 of the last RATE_WINDOW_S (gen_throughput is itself a recent average, so the
 two cover the same stretch); a rank that has not run anything yet gets the mean
@@ -93,7 +98,8 @@ class _Target:
     """One rank of one engine, as the router sees it."""
 
     __slots__ = ("worker", "rank", "running", "waiting", "max_running", "token_usage", "healthy",
-                 "publish_ns", "rate", "_history", "_history_sum", "sent_after", "sent", "inflight")
+                 "publish_ns", "rate", "_history", "_history_sum", "sent_after", "done_after", "in_view",
+                 "sent", "inflight")
 
     def __init__(self, worker: _Worker, rank: int) -> None:
         self.worker = worker
@@ -108,11 +114,15 @@ class _Target:
         self._history: collections.deque[tuple[int, int]] = collections.deque()  # (publish ns, running)
         self._history_sum = 0
         self.sent_after: collections.deque[int] = collections.deque()  # send times (ns) not yet in a publish
+        self.done_after: collections.deque[int] = collections.deque()  # end times (ns) not yet in a publish
+        self.in_view = 0  # this router's requests the latest publish counts (sent before it, not ended)
         self.sent = 0
         self.inflight = 0
 
     def queued(self) -> int:
-        return self.running + self.waiting + len(self.sent_after)
+        """Requests ahead of a new one: the others' as of the last publish, ours as of now."""
+        # in_view < 0 only for a moment, when a request ends within SLACK_NS of being sent
+        return max(0, self.running + self.waiting - max(0, self.in_view)) + self.inflight
 
     def score(self, default_rate: float) -> float:
         m = self.max_running
@@ -139,6 +149,11 @@ class _Target:
         q = self.sent_after
         while q and q[0] <= horizon:
             q.popleft()
+            self.in_view += 1
+        q = self.done_after
+        while q and q[0] <= snap.publish_time_ns:
+            q.popleft()
+            self.in_view -= 1
 
 
 class _Worker:
@@ -362,6 +377,7 @@ class Router:
                 w.inflight -= 1
                 if target is not None:
                     target.inflight -= 1
+                    target.done_after.append(time.time_ns())
 
     # -- introspection -----------------------------------------------------------------
 
@@ -388,7 +404,7 @@ class Router:
                 "ranks": [{"dp_rank": t.rank, "running": t.running, "waiting": t.waiting,
                            "token_usage": t.token_usage, "healthy": t.healthy,
                            "rate": round(t.rate, 3), "sent_since_publish": len(t.sent_after),
-                           "queued": t.queued(), "sent": t.sent,
+                           "own_in_view": t.in_view, "queued": t.queued(), "sent": t.sent,
                            "inflight": t.inflight} for t in w.targets],
             } for w in self.workers],
         }
