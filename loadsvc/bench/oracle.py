@@ -114,7 +114,7 @@ async def _serve(args: argparse.Namespace) -> None:
                           batch_knee=args.batch_knee, seed=args.seed)
     await router.start()
     try:
-        await serve_until_signal(router, sock, args.host, args.port)
+        await serve_until_signal(router, sock, args.host, args.port, what="oracle HTTP")
     finally:
         await router.stop()
 
