@@ -72,7 +72,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
 import zmq
@@ -91,6 +91,10 @@ from loadsvc.relay.frame import (
 )
 from loadsvc.relay.keys import load_secret
 from loadsvc.settings import CollectorSettings, CurveServerSettings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from zmq.auth.thread import ThreadAuthenticator
 
 __all__ = ["Collector", "REJECT_REASONS"]
 
@@ -182,8 +186,8 @@ class Collector:
     seconds) and dropped before it touches the region.
     """
 
-    def __init__(self, settings: CollectorSettings, registry: Any = None, *,
-                 on_write: Callable[[], None] | None = None,
+    def __init__(self, settings: CollectorSettings, registry: CollectorRegistry | None = None, *,
+                 on_write: Callable[[], object] | None = None,
                  clock: Callable[[], int] = time.time_ns) -> None:
         if not settings.endpoint:
             raise ValueError("Collector needs an endpoint such as tcp://0.0.0.0:5557")
@@ -255,7 +259,7 @@ class Collector:
             log.warning("collector thread did not stop within %.1f s", timeout)
         self._thread = None
 
-    def __enter__(self) -> Collector:
+    def __enter__(self) -> Self:
         self.start_thread()
         return self
 
@@ -264,7 +268,8 @@ class Collector:
 
     # -- the thread ----------------------------------------------------------------
 
-    def _open(self, ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket, Any]:
+    def _open(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[
+            zmq.Socket[bytes], zmq.Socket[bytes], ThreadAuthenticator | None]:
         auth = None
         curve: CurveServerSettings | None = self.settings.curve
         sock = ctx.socket(zmq.PULL)
@@ -307,7 +312,7 @@ class Collector:
         self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return sock, monitor, auth
 
-    def _configure_auth(self, auth: Any) -> None:
+    def _configure_auth(self, auth: ThreadAuthenticator) -> None:
         directory = Path(self.settings.curve.authorized_dir)  # type: ignore[union-attr]
         keys = sorted(directory.glob("*.key"))
         auth.configure_curve(domain="*", location=str(directory))
@@ -316,7 +321,7 @@ class Collector:
         else:
             log.info("CURVE: %d authorized publisher key(s) from %s", len(keys), directory)
 
-    def _auth_dir_stamp(self) -> tuple[Any, ...]:
+    def _auth_dir_stamp(self) -> tuple[tuple[str, int], ...]:
         directory = Path(self.settings.curve.authorized_dir)  # type: ignore[union-attr]
         try:
             return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in directory.glob("*.key")))
@@ -382,7 +387,7 @@ class Collector:
             ctx.term()
             self._close_publishers()
 
-    def _drain_monitor(self, monitor: zmq.Socket) -> None:
+    def _drain_monitor(self, monitor: zmq.Socket[bytes]) -> None:
         while True:
             try:
                 msg = recv_monitor_message(monitor, zmq.NOBLOCK)
@@ -426,7 +431,7 @@ class Collector:
         self._accepted_metric.inc()
         return True
 
-    def _validate(self, parts: list[bytes]) -> tuple[int, Any, int, int]:
+    def _validate(self, parts: list[bytes]) -> tuple[int, LoadSnapshot, int, int]:
         if len(parts) != 1:
             raise _Rejected("malformed", f"message of {len(parts)} parts, expected 1")
         frame = parts[0]
@@ -498,7 +503,7 @@ class Collector:
                                         f"{SEQ_RATE_CAP:,} publishes/s could since the last accepted frame "
                                         f"{now - at:.3f} s ago (at most {bound}); refused")
 
-    def _write(self, rank: int, snapshot: Any, epoch: int, seq: int, received_ns: int) -> None:
+    def _write(self, rank: int, snapshot: LoadSnapshot, epoch: int, seq: int, received_ns: int) -> None:
         pub = self._pubs.get(rank)
         if pub is None:
             pub = self._claim(rank)
