@@ -456,7 +456,7 @@ def test_stress_writers_and_readers_see_no_torn_snapshot(region: Path) -> None:
     counts = [g[3] for g in got if g[0] == "writer"]
     assert sorted(final) == list(range(writers))
     assert all(c >= 200 for c in counts), counts
-    for kind, distinct, reads, problems, n_problems, torn, unavailable, corrupt, last in \
+    for _kind, distinct, reads, problems, n_problems, _torn, _unavailable, corrupt, last in \
             (g for g in got if g[0] == "reader"):
         assert n_problems == 0, problems
         assert corrupt == 0

@@ -26,8 +26,8 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 import loadsvc
-from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc import _codegen
+from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.sglang.grpc.scheduler import sglang_scheduler_pb2 as sg
 from loadsvc.core import schema
 
@@ -215,7 +215,7 @@ def test_struct_matches_descriptor_field_by_field(cls: type, desc: Descriptor) -
         where = f"{desc.name}.{pf.name} (#{pf.number})"
         if pf.type == FieldDescriptor.TYPE_MESSAGE:
             assert pf.has_presence, where
-            assert sf.type == typing.Optional[getattr(schema, pf.message_type.name)], where
+            assert sf.type == getattr(schema, pf.message_type.name) | None, where
             assert sf.default is None, where
         elif pf.type == FieldDescriptor.TYPE_ENUM:
             assert sf.type is schema.Status, where

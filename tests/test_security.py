@@ -67,7 +67,7 @@ def _write_certs(directory: Path) -> Certs:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -356,8 +356,8 @@ def test_api_key_on_every_endpoint_but_health(region: Path, serve_process: Any, 
         }
         for name, call in calls.items():
             for md in bad_mds:
-                assert _grpc_code(lambda: call(md)) == grpc.StatusCode.UNAUTHENTICATED, (name, md)
-            assert _grpc_code(lambda: call(good_md)) == grpc.StatusCode.OK, name
+                assert _grpc_code(lambda call=call, md=md: call(md)) == grpc.StatusCode.UNAUTHENTICATED, (name, md)
+            assert _grpc_code(lambda call=call: call(good_md)) == grpc.StatusCode.OK, name
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == SERVING  # open
     assert KEY not in server.log()  # the key is never logged

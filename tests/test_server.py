@@ -304,7 +304,7 @@ def test_serve_grpc_workers_share_the_port(shm_path: Path, serve_process: Any, c
                     for _ in range(32)]
         stubs = [pb_grpc.LoadServiceStub(ch) for ch in channels]
         for stub in stubs:
-            loads = wait_for(lambda: stub.GetLoads(pb.GetLoadsRequest(), timeout=2).loads, 5, "rank 1")
+            loads = wait_for(lambda stub=stub: stub.GetLoads(pb.GetLoadsRequest(), timeout=2).loads, 5, "rank 1")
             assert [(x.dp_rank, x.num_running_reqs) for x in loads] == [(1, 5)]
         per_process = {pid: _established_on(server.grpc_port, pid) for pid in (server.proc.pid, *workers)}
         assert sum(per_process.values()) == 32 and all(per_process.values()), per_process

@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -332,7 +332,7 @@ class LoadStore:
             self._change_version += 1
             self._statuses = statuses_t
         self._version += 1
-        ts = datetime.fromtimestamp(now_ns / 1e9, timezone.utc).strftime(_ISO)
+        ts = datetime.fromtimestamp(now_ns / 1e9, UTC).strftime(_ISO)
         return View(self._version, self._change_version, dp_size, tuple(out), now_ns, ts,
                     proto_cache=self._proto_cache)
 
@@ -403,7 +403,7 @@ class LoadStore:
                     await event.wait()
                 else:
                     await asyncio.wait_for(event.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return self._change_version > after
             if self._closed:  # stop() woke us; nothing changes any more (and the event stays set)
                 return self._change_version > after

@@ -328,7 +328,7 @@ class LoadServices:
             self._streams_done = asyncio.Event()
             try:
                 await asyncio.wait_for(self._streams_done.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("%d WatchLoads stream(s) still writing after %.1f s (clients not reading); "
                             "the server stop cancels them", self._streams, timeout)
         if self._pump_task is not None:
