@@ -22,6 +22,7 @@ def test_trace_is_fixed_by_its_seed_and_open_loop_at_its_rate() -> None:
     assert outputs[-1] > 2 * outputs[len(outputs) // 2]  # with a long tail
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_bench_routing_runs_every_router_and_prints_the_table() -> None:
     result = subprocess.run([sys.executable, "-m", "loadsvc", "bench", "routing", "--requests", "30",

@@ -45,6 +45,8 @@ from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
 from loadsvc.core.region import RegionError
 
+pytestmark = pytest.mark.integration  # every test here starts, kills or races processes
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTHY = pb.LoadStatus.Value("LOAD_STATUS_HEALTHY")

@@ -47,7 +47,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 HOSTS = ("keys", "node0", "node1", "node2", "router", "intruder")
 INTRUDER_MARK = 987_654  # num_running_reqs no honest simulator publishes
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def _child_env() -> dict[str, str]:

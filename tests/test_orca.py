@@ -514,6 +514,7 @@ def _node() -> str:
     return node
 
 
+@pytest.mark.integration
 async def test_grpc_js_weighted_round_robin_follows_orca(tmp_path: Path) -> None:
     node = _node()
     pubs, servers = await _two_engines(tmp_path)

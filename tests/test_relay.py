@@ -308,6 +308,7 @@ def publisher_process(endpoint: str, rank: int, running: int,
     return proc, int(line)
 
 
+@pytest.mark.integration
 def test_an_extra_publisher_holds_a_rank_only_while_it_sends(collector, shm_path, zctx):
     c = collector(stale_after=0.5)
     live, live_epoch = publisher_process(c.bound_endpoint, 2, running=1, seconds=60)
@@ -338,6 +339,7 @@ def test_an_extra_publisher_holds_a_rank_only_while_it_sends(collector, shm_path
         live.communicate(timeout=10)
 
 
+@pytest.mark.integration
 def test_a_seq_jump_is_refused_not_adopted(collector, shm_path, zctx):
     c = collector()
     live, live_epoch = publisher_process(c.bound_endpoint, 1, running=1, seconds=60)
@@ -582,6 +584,7 @@ print(sent, flush=True)
 """
 
 
+@pytest.mark.integration
 def test_a_flood_queues_a_bounded_number_of_frames_per_connection(collector, shm_path, monkeypatch):
     """8 connections push 100 kB frames while the collector thread is held: what the collector's
     process buffers is bounded by RCVHWM per connection (ZMQ's default parked ~37 MB each)."""

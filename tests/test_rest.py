@@ -663,6 +663,7 @@ SERVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_real_uvicorn_server(region: Region) -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(region.path), str(port), "k"],

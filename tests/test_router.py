@@ -35,6 +35,7 @@ def test_parse_worker() -> None:
             parse_worker(bad)
 
 
+@pytest.mark.integration
 def test_p2c_sends_most_requests_to_the_fast_engine(fleet: Fleet) -> None:
     fast = fleet.engine(speeds=(1.0,), wait=False)
     slow = fleet.engine(speeds=(0.25,), wait=False)
@@ -50,6 +51,7 @@ def test_p2c_sends_most_requests_to_the_fast_engine(fleet: Fleet) -> None:
     assert lag["samples"] > 50 and lag["p50"] < 50, lag  # a fresh view: pushed within a publish period
 
 
+@pytest.mark.integration
 def test_p2c_picks_the_rank_of_a_multi_rank_engine(fleet: Fleet) -> None:
     engine = fleet.engine(dp_size=2, speeds=(1.0, 0.25))
     router = fleet.router([engine], policy="p2c", seed=1)
@@ -63,6 +65,7 @@ def test_p2c_picks_the_rank_of_a_multi_rank_engine(fleet: Fleet) -> None:
     assert per_rank(engine)[1] == slow + 5
 
 
+@pytest.mark.integration
 def test_p2c_skips_an_engine_whose_loads_are_stale(fleet: Fleet) -> None:
     a = fleet.engine(stale_after=0.5, wait=False)
     b = fleet.engine(stale_after=0.5, wait=False)
@@ -83,6 +86,7 @@ def test_p2c_skips_an_engine_whose_loads_are_stale(fleet: Fleet) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.integration
 def test_engine_gone_requests_still_served(fleet: Fleet) -> None:
     a = fleet.engine(wait=False)
     b = fleet.engine(wait=False)
@@ -100,6 +104,7 @@ def test_engine_gone_requests_still_served(fleet: Fleet) -> None:
     assert r.status_code == 502 and "unreachable" in r.json()["error"]["message"]
 
 
+@pytest.mark.integration
 def test_round_robin_alternates_and_streams_through(fleet: Fleet) -> None:
     a = fleet.engine(wait=False)
     b = fleet.engine(wait=False)

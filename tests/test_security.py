@@ -201,6 +201,7 @@ def test_region_file_mode(shm_path: Path, serve_process: Any, flags: tuple[str, 
     assert server.stop() == 0
 
 
+@pytest.mark.integration
 def test_region_created_by_a_publisher_is_0600(shm_path: Path) -> None:
     old = os.umask(0)
     try:
@@ -307,6 +308,7 @@ def test_mutual_tls(region: Path, serve_process: Any, certs: Certs) -> None:
     assert server.stop() == 0
 
 
+@pytest.mark.integration
 def test_tls_files_missing_fail_at_start(region: Path, certs: Certs, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "loadsvc", "serve", "--shm", str(region), "--grpc-port", "0",
                            "--http-port", "0", "--tls-cert", str(tmp_path / "missing.pem"),
@@ -364,6 +366,7 @@ def test_api_key_on_every_endpoint_but_health(region: Path, serve_process: Any, 
     assert server.stop() == 0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", ["serve", "get", "watch"])
 @pytest.mark.parametrize(("how", "key"), [("flag", ""), ("flag", "   "), ("flag", " k3y"), ("env", ""),
                                           ("env", "k3y\n")])
