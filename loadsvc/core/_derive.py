@@ -6,7 +6,8 @@
 
 Both the code generator and schema.py read this module, so the classes it
 writes and the check that guards them cannot disagree. It imports neither of
-them (nor the generated protobuf code): it must load while those are stale.
+them (nor the generated protobuf code), so the generated module can take its
+types from here.
 """
 
 from __future__ import annotations
