@@ -312,8 +312,14 @@ class Collector:
         self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return sock, monitor, auth
 
+    def _authorized_dir(self) -> Path:
+        """--curve-authorized-dir (asked only with CURVE on)."""
+        if self.settings.curve is None:
+            raise RuntimeError("the collector runs without CURVE: it has no authorized directory")
+        return Path(self.settings.curve.authorized_dir)
+
     def _configure_auth(self, auth: ThreadAuthenticator) -> None:
-        directory = Path(self.settings.curve.authorized_dir)  # type: ignore[union-attr]
+        directory = self._authorized_dir()
         keys = sorted(directory.glob("*.key"))
         auth.configure_curve(domain="*", location=str(directory))
         if not keys:
@@ -322,7 +328,7 @@ class Collector:
             log.info("CURVE: %d authorized publisher key(s) from %s", len(keys), directory)
 
     def _auth_dir_stamp(self) -> tuple[tuple[str, int], ...]:
-        directory = Path(self.settings.curve.authorized_dir)  # type: ignore[union-attr]
+        directory = self._authorized_dir()
         try:
             return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in directory.glob("*.key")))
         except OSError:
