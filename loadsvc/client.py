@@ -232,7 +232,8 @@ def _metadata(settings: ClientSettings) -> tuple[tuple[str, str], ...]:
 def _stub(channel: grpc.Channel) -> Any:
     from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc
 
-    return loads_pb2_grpc.LoadServiceStub(channel)
+    # (grpcio-tools writes the stub classes without annotations)
+    return loads_pb2_grpc.LoadServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
 def _one_line(text: str | None) -> str:

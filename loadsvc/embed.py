@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from loadsvc.core.region import (
     DEFAULT_STALE_AFTER,
@@ -39,6 +39,8 @@ from loadsvc.surfaces.services import GrpcSurfaces, add_grpc_surfaces
 
 if TYPE_CHECKING:
     import grpc
+    from fastapi import APIRouter
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["open_store", "loads_router", "add_to_grpc_server", "GrpcSurfaces"]
 
@@ -65,7 +67,8 @@ def open_store(path: str | os.PathLike[str] | None = None, *, dp_size: int | Non
 
 
 def loads_router(store: LoadStore, *, api_key: str | None = None, health: bool = False,
-                 metrics: bool = False, registry: Any = None, get_load: bool = False) -> Any:
+                 metrics: bool = False, registry: CollectorRegistry | None = None,
+                 get_load: bool = False) -> APIRouter:
     """A FastAPI APIRouter serving ``GET /v1/loads`` over store, exactly as ``loadsvc serve`` does.
 
     ``app.include_router(loads_router(store))`` in the engine's FastAPI app. Only

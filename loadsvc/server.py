@@ -320,7 +320,7 @@ async def _shutdown(store: LoadStore, grpc_server: grpc.aio.Server, grpc_started
         uv.should_exit = True
         try:
             await asyncio.wait_for(asyncio.shield(http_task), HTTP_GRACE + 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("REST server did not stop within %d s; cancelling it", HTTP_GRACE + 2)
             http_task.cancel()
         except Exception:  # noqa: BLE001 - shutting down anyway; say what happened

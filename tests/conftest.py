@@ -10,6 +10,10 @@
     forge_publish(shm, rank, n, payload) write payload as publish n of rank with a valid checksum,
                                        as a foreign writer bypassing ShmPublisher would
     drive(url, n, concurrency, ...)    n POST /generate through url, at most concurrency at once
+
+A test that starts another process is marked `integration` (pyproject.toml), so that
+`pytest -m "not integration"` is a fast inner loop: per module with `pytestmark`, per test
+with `@pytest.mark.integration`, and here for every test taking serve_process or fleet.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ from loadsvc.tools.procs import free_port, port_answers, port_in_use  # noqa: F4
 # loadsvc, never a `loadsvc/` folder of the current directory (as loadsvc/tools/procs.py does for the
 # processes loadsvc itself starts).
 os.environ.setdefault("PYTHONSAFEPATH", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if {"serve_process", "fleet"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture

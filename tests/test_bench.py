@@ -18,6 +18,8 @@ from loadsvc import LoadSnapshot, ShmPublisher, default_path
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.bench import gocall
 
+pytestmark = pytest.mark.integration  # the benchmarks, their servers and the Go callers
+
 
 def test_bench_shm_prints_the_table() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "loadsvc", "bench", "shm", "--seconds", "0.5"],

@@ -55,6 +55,7 @@ def test_judge_repeats_takes_the_median_of_the_ratios_within_each_repeat() -> No
     assert judge_repeats(group) == [("smg power_of_two", 0.8, [0.5, 1.0, 0.8], 0.6, False)]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_bench_routing_runs_every_router_and_prints_the_table() -> None:
     result = subprocess.run([sys.executable, "-m", "loadsvc", "bench", "routing", "--requests", "30",

@@ -167,6 +167,7 @@ def rows(text: str) -> dict[str, list[str]]:
 # -- get ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_get_prints_every_rank(deployment):
     result = loadsvc("get", "--grpc", deployment.target)
     assert result.returncode == 0, result.stderr
@@ -188,6 +189,7 @@ def test_get_prints_every_rank(deployment):
     assert re.search(r"aggregate: \d+ running, \d+ waiting, \d+ total", result.stdout)
 
 
+@pytest.mark.integration
 def test_get_json_matches_the_published_values(deployment):
     result = loadsvc("get", "--grpc", deployment.target, "--json")
     assert result.returncode == 0, result.stderr
@@ -217,6 +219,7 @@ def test_get_json_matches_the_published_values(deployment):
     assert body["aggregate"]["total_running_reqs"] == running
 
 
+@pytest.mark.integration
 def test_get_one_rank_core_only(deployment, cli):
     result = cli("get", "--grpc", deployment.target, "--json", "--dp-rank", "3", "--include", "core")
     assert result.returncode == 0, result.stderr
@@ -227,6 +230,7 @@ def test_get_one_rank_core_only(deployment, cli):
     assert list(table) == ["3"]  # the one rank, no unpublished rows
 
 
+@pytest.mark.integration
 def test_stale_rank_is_coloured_yellow(deployment):
     deployment.pause_own()
     try:
@@ -251,6 +255,7 @@ def test_stale_rank_is_coloured_yellow(deployment):
     (["--dp-rank", "9"], "dp_rank"),
     (["--dp-rank", "-1"], "dp_rank"),
 ])
+@pytest.mark.integration
 def test_get_invalid_argument_exit_2(deployment, cli, args, field):
     result = cli("get", "--grpc", deployment.target, *args)
     assert result.returncode == 2
@@ -259,6 +264,7 @@ def test_get_invalid_argument_exit_2(deployment, cli, args, field):
     assert result.stdout == ""
 
 
+@pytest.mark.integration
 def test_get_server_down():
     target = f"127.0.0.1:{free_port()}"
     result = loadsvc("get", "--grpc", target)
@@ -270,6 +276,7 @@ def test_get_server_down():
 # -- watch -------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_watch_count_exits_after_that_many_messages(deployment):
     start = time.monotonic()
     result = loadsvc("watch", "--grpc", deployment.target, "--count", "3", "--dp-rank", "0",
@@ -284,6 +291,7 @@ def test_watch_count_exits_after_that_many_messages(deployment):
     assert len({t["0"][5] for t in tables}) > 1  # the simulated rank moves between messages
 
 
+@pytest.mark.integration
 def test_watch_sigint_exits_0(deployment):
     proc = subprocess.Popen([sys.executable, "-m", "loadsvc", "watch", "--grpc", deployment.target],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -306,6 +314,7 @@ def test_watch_server_down(cli):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_watch_bad_interval(deployment, cli):
     result = cli("watch", "--grpc", deployment.target, "--max-interval-ms", "-5")
     assert result.returncode == 2
@@ -349,6 +358,7 @@ class _Output:
             time.sleep(0.05)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
 def test_watch_reconnects_when_the_server_restarts(shm_path, terminal):
     """`loadsvc watch --count 4` over a serve that is stopped and started again on the same port:
@@ -410,6 +420,7 @@ def test_watch_reconnects_when_the_server_restarts(shm_path, terminal):
         assert "Traceback" not in err.text
 
 
+@pytest.mark.integration
 def test_watch_gives_up_on_errors_that_a_reconnect_does_not_cure(deployment, cli):
     """Before its first message, or for a refused request, watch ends (exit 1/2) instead of retrying."""
     result = cli("watch", "--grpc", deployment.target, "--include", "bogus", "--count", "1")
@@ -509,6 +520,7 @@ def test_table_without_a_width_has_every_column():
     assert rows(text)["0"][5] == "1,234,567/2,000,000"
 
 
+@pytest.mark.integration
 def test_get_at_80_columns_and_through_a_pipe(deployment):
     """COLUMNS=80: the table fits 80 columns; a pipe without COLUMNS: every column, plain text."""
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
@@ -544,6 +556,7 @@ def test_grpc_target_without_a_port_or_bad_is_a_one_line_error(cli, command, tar
     assert result.stderr == f"loadsvc {command}: {says}\n"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", ["get", "watch"])
 def test_grpc_pointed_at_the_rest_port_says_so(deployment, cli, command):
     target = f"127.0.0.1:{deployment.server.http_port}"
@@ -567,6 +580,7 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+@pytest.mark.integration
 def test_tls_and_api_key(shm_path, serve_process, tls_files, cli):
     cert, key = tls_files
     server = serve_process(shm_path, dp_size=2, args=["--tls-cert", str(cert), "--tls-key", str(key),

@@ -98,6 +98,7 @@ def gone(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
+@pytest.mark.integration
 def test_demo_serves_four_moving_ranks_and_stops_on_sigint(demo_process):
     demo = demo_process()
     banner = demo.wait_ready()
@@ -140,6 +141,7 @@ def test_demo_serves_four_moving_ranks_and_stops_on_sigint(demo_process):
     assert "Traceback" not in demo.proc.stderr.read()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("engine", [False, True], ids=["simulator", "engine"])
 def test_demo_runs_from_a_directory_holding_another_loadsvc_folder(demo_process, tmp_path, engine):
     """`loadsvc demo` started where a `loadsvc/` folder (a clone, say) sits in the current directory:
@@ -165,6 +167,7 @@ def test_demo_runs_from_a_directory_holding_another_loadsvc_folder(demo_process,
     assert "ImportError" not in err and "Traceback" not in err
 
 
+@pytest.mark.integration
 def test_demo_stops_everything_when_a_child_dies(demo_process):
     demo = demo_process()
     banner = demo.wait_ready()
@@ -179,6 +182,7 @@ def test_demo_stops_everything_when_a_child_dies(demo_process):
     assert not port_in_use(demo.grpc_port) and not port_in_use(demo.http_port)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("which, flag", [("http", "--http-port"), ("grpc", "--grpc-port")])
 def test_busy_port_names_the_port_and_the_flag(which, flag):
     grpc_port, http_port = free_port(), free_port()
@@ -203,6 +207,7 @@ def test_engine_mode_not_available_without_the_engine(monkeypatch, capsys):
     assert "--engine" in err and "not available yet" in err
 
 
+@pytest.mark.integration
 def test_demo_engine_mode_routes_through_the_reference_router(demo_process):
     router_port = free_port()
     demo = demo_process("--engine", "--router-port", str(router_port))

@@ -100,6 +100,7 @@ def test_open_store_defaults_and_checks(region: Path) -> None:
     assert not missing.attached and missing.view().snapshots == ()
 
 
+@pytest.mark.integration
 def test_public_names_and_a_light_import() -> None:
     for name in ("open_store", "loads_router", "add_to_grpc_server", "add_orca_service"):
         assert name in loadsvc.__all__ and callable(getattr(loadsvc, name))

@@ -24,7 +24,7 @@ from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.tools.engine import prompt_tokens
 from loadsvc.tools.fleet import EngineProc, Fleet
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 

@@ -26,8 +26,8 @@ import grpc
 import httpx
 import pytest
 import yaml
-
 from conftest import free_port, wait_for
+
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.tools.fleet import EngineProc, Fleet
 
@@ -36,7 +36,7 @@ BUDGETS = {"a": 50_000, "b": 40_000}  # KV budgets: which engine answered a GetL
 MAX_RUNNING = 4
 HELD = 2 * MAX_RUNNING  # requests held open on the busy engine: a full batch and as many waiting
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.integration]
 
 
 def envoy_binary() -> str:

@@ -45,6 +45,8 @@ from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
 from loadsvc.core.region import RegionError
 
+pytestmark = pytest.mark.integration  # every test here starts, kills or races processes
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTHY = pb.LoadStatus.Value("LOAD_STATUS_HEALTHY")
@@ -589,7 +591,7 @@ def test_a_foreign_writers_bad_values_are_never_served(shm_path: Path, serve_pro
         bad = LoadSnapshot(dp_rank=0, num_running_reqs=7, token_usage=0.5, gen_throughput=100.0)
         bad.token_usage, bad.gen_throughput, bad.num_waiting_reqs = math.nan, math.inf, -5
         conftest.forge_publish(shm_path, 0, 2, msgspec.msgpack.encode(bad))
-        corrupt = 'loadsvc_shm_reader_corrupt_total{region="%s"}' % shm_path
+        corrupt = f'loadsvc_shm_reader_corrupt_total{{region="{shm_path}"}}'
         wait_for(lambda: any(line.startswith(corrupt) and float(line.split()[-1]) >= 1
                              for line in httpx.get(f"{server.http_url}/metrics", timeout=5).text.splitlines()),
                  10, "the forged publish to be counted as corrupt")

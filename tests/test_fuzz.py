@@ -298,7 +298,7 @@ def test_collector_counts_and_drops_garbage(frames: list[list[bytes]]) -> None:
             total = len(frames) + 1
             assert collector.accepted + sum(collector.rejected.values()) == total
             assert set(collector.rejected) == set(REJECT_REASONS)
-        collector._close_publishers()
+        collector._writer.close()  # handle() was driven without the thread, which would close it
     finally:
         path.unlink(missing_ok=True)
 
@@ -455,6 +455,7 @@ def _request(cls: Any, rank: int | None, include: list[str], **kw: int) -> bytes
     return msg.SerializeToString()
 
 
+@pytest.mark.integration
 @FUZZ_SLOW
 @given(rank=_rank, include=_include, method=st.sampled_from(METHODS))
 def test_grpc_get_loads_random_requests(grpc_server: Any, rank: int | None, include: list[str],
@@ -472,6 +473,7 @@ def test_grpc_get_loads_random_requests(grpc_server: Any, rank: int | None, incl
             for i in include for t in i.split(","))
 
 
+@pytest.mark.integration
 @FUZZ_SLOW
 @given(rank=_rank, include=_include, lo=_interval, hi=_interval)
 def test_grpc_watch_loads_random_requests(grpc_server: Any, rank: int | None, include: list[str],
@@ -484,6 +486,7 @@ def test_grpc_watch_loads_random_requests(grpc_server: Any, rank: int | None, in
         assert pb.GetLoadsResponse.FromString(body).dp_rank_count == GRPC_DP_SIZE, server.log()[-4000:]
 
 
+@pytest.mark.integration
 @FUZZ_SLOW
 @given(body=st.binary(max_size=200) | st.builds(lambda a, b: a + b, st.sampled_from([
     _request(pb.GetLoadsRequest, 1, ["memory"]), _request(pb.WatchLoadsRequest, None, ["all"], max_interval_ms=5)]),
@@ -495,6 +498,7 @@ def test_grpc_raw_bytes(grpc_server: Any, body: bytes, method: str) -> None:
     assert code in ALLOWED, (code, body)
 
 
+@pytest.mark.integration
 def test_grpc_server_still_serves_after_the_fuzz(grpc_server: Any) -> None:
     server, channel = grpc_server
     code, body = _unary(channel, METHODS[0], b"")

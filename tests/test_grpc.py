@@ -429,6 +429,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.integration
 async def test_a_subscriber_gone_during_a_write_is_counted_not_an_error(
         make_env: Any, caplog: pytest.LogCaptureFixture) -> None:
     """Subscribers that stop reading (the server's writes stall on flow control), then die."""

@@ -26,17 +26,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import conftest
 import httpx
 import pytest
+from conftest import drive, wait_for
 from prometheus_client import CollectorRegistry
 
-import conftest
-from conftest import drive, wait_for
 from loadsvc.bench import vllm_env
-from loadsvc.tools.fleet import Fleet
-from loadsvc.ingest.scrape import (SGLANG, VLLM, NameSet, Scraper, ScrapeFailed, ScrapeTarget, load_name_set, parse_target, read_samples)
-from loadsvc.settings import StoreSettings
 from loadsvc.core.region import ShmReader
+from loadsvc.ingest.scrape import (
+    SGLANG,
+    VLLM,
+    NameSet,
+    ScrapeFailed,
+    Scraper,
+    ScrapeTarget,
+    load_name_set,
+    parse_target,
+    read_samples,
+)
+from loadsvc.settings import StoreSettings
+from loadsvc.tools.fleet import Fleet
 
 REPO = Path(__file__).resolve().parent.parent
 STALE_AFTER = 1.5
@@ -430,6 +440,7 @@ async def completions(url: str, model: str, n: int, max_tokens: int) -> list[int
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.vllm
 def test_a_real_vllms_metrics_show_up_as_healthy_ranks(vllm_python: Path, tiny_model: Path, shm_path: Path,
                                                        serve_process: Any, tmp_path: Path) -> None:
     with Fleet() as fleet:

@@ -32,22 +32,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import conftest
 import grpc
 import httpx
 import msgspec
 import pytest
 import zmq
+from conftest import free_port, wait_for
 from prometheus_client import CollectorRegistry
 
-import conftest
-from conftest import free_port, wait_for
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
 from loadsvc.bench import sglang_env
-from loadsvc.ingest.sglang import (REJECT_REASONS, Rejected, SglangEndpoint, SglangSubscriber, decode_frame,
-                                   encode_frame, parse_server_info, to_snapshot)
-from loadsvc.settings import StoreSettings
 from loadsvc.core.region import RegionError, ShmReader
+from loadsvc.ingest.sglang import (
+    REJECT_REASONS,
+    Rejected,
+    SglangEndpoint,
+    SglangSubscriber,
+    decode_frame,
+    encode_frame,
+    parse_server_info,
+    to_snapshot,
+)
+from loadsvc.settings import StoreSettings
 
 HERE = Path(__file__).resolve().parent
 STALE_AFTER = 1.5  # above SGLang's 1 s heartbeat

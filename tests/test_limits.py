@@ -34,6 +34,8 @@ from loadsvc import LoadSnapshot, ShmPublisher
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.integration  # every test here starts a server process
+
 MiB = 1024 * 1024
 REQUEST_START = b"GET /v1/loads HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 

@@ -47,7 +47,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 HOSTS = ("keys", "node0", "node1", "node2", "router", "intruder")
 INTRUDER_MARK = 987_654  # num_running_reqs no honest simulator publishes
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def _child_env() -> dict[str, str]:
@@ -177,7 +177,7 @@ def _all(status: dict[int, str], ranks: range, want: str) -> bool:
     return all(status.get(r) == want for r in ranks)
 
 
-INTRUDER = """
+INTRUDER = f"""
 import sys, time
 from pathlib import Path
 from loadsvc import LoadSnapshot
@@ -190,10 +190,10 @@ pubs += [ZmqPublisher(endpoint, dp_size=8, dp_rank=r) for r in range(8)]  # and 
 end = time.monotonic() + float(sys.argv[4])
 while time.monotonic() < end:
     for p in pubs:
-        p.publish(LoadSnapshot(dp_rank=p.dp_rank, num_running_reqs=%d))
+        p.publish(LoadSnapshot(dp_rank=p.dp_rank, num_running_reqs={INTRUDER_MARK}))
     time.sleep(0.02)
 print("intruder done", sum(p.seq for p in pubs), flush=True)
-""" % INTRUDER_MARK
+"""
 
 
 def test_compose_topology_on_network_namespaces(topology: Topology, compose: ComposeOnNetns,

@@ -132,7 +132,7 @@ async def collect(call: Any, window: float) -> list[tuple[float, Any]]:
 
     try:
         await asyncio.wait_for(read(), window)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     call.cancel()
     return out
@@ -514,6 +514,7 @@ def _node() -> str:
     return node
 
 
+@pytest.mark.integration
 async def test_grpc_js_weighted_round_robin_follows_orca(tmp_path: Path) -> None:
     node = _node()
     pubs, servers = await _two_engines(tmp_path)
@@ -526,7 +527,7 @@ async def test_grpc_js_weighted_round_robin_follows_orca(tmp_path: Path) -> None
         try:
             await _weights_settled(servers)
             out, err = await asyncio.wait_for(proc.communicate(b"go\n"), 40)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
             pytest.fail("the grpc-js client did not finish within 40 s")

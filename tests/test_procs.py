@@ -13,6 +13,8 @@ import pytest
 import loadsvc
 from loadsvc.tools.procs import loadsvc_command, python_command
 
+pytestmark = pytest.mark.integration  # every test here starts loadsvc processes
+
 
 @pytest.fixture
 def decoy_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -438,6 +438,7 @@ def _join(procs: list[Any]) -> None:
     assert [p.exitcode for p in procs] == [0] * len(procs)
 
 
+@pytest.mark.integration
 def test_stress_writers_and_readers_see_no_torn_snapshot(region: Path) -> None:
     writers, readers, seconds = 4, 3, 3.0
     create_region(region, writers)
@@ -456,7 +457,7 @@ def test_stress_writers_and_readers_see_no_torn_snapshot(region: Path) -> None:
     counts = [g[3] for g in got if g[0] == "writer"]
     assert sorted(final) == list(range(writers))
     assert all(c >= 200 for c in counts), counts
-    for kind, distinct, reads, problems, n_problems, torn, unavailable, corrupt, last in \
+    for _kind, distinct, reads, problems, n_problems, _torn, _unavailable, corrupt, last in \
             (g for g in got if g[0] == "reader"):
         assert n_problems == 0, problems
         assert corrupt == 0
@@ -469,6 +470,7 @@ def test_stress_writers_and_readers_see_no_torn_snapshot(region: Path) -> None:
         assert all(violation(s, s.dp_rank) is None for s in snaps)
 
 
+@pytest.mark.integration
 def test_writer_killed_mid_stream(region: Path) -> None:
     dp = 3
     create_region(region, dp)
@@ -719,6 +721,7 @@ def _creator(paths: list[str], role: str, rank: int, barrier: Any, results: Any)
     results.put((role, rank, out))
 
 
+@pytest.mark.integration
 def test_concurrent_creation_is_safe(tmp_path: Path) -> None:
     rounds = 4
     paths = [default_path(f"test-{uuid.uuid4().hex}") for _ in range(rounds)]
@@ -784,6 +787,7 @@ def _read_after_truncation(path: str, native: bool, results: Any) -> None:
     results.put(outcomes)
 
 
+@pytest.mark.integration
 def test_reads_of_a_truncated_file_raise_region_error(region: Path, native: bool) -> None:
     results = SPAWN.Queue()
     child = SPAWN.Process(target=_read_after_truncation, args=(str(region), native, results))
@@ -845,6 +849,7 @@ def _open_and_read_while_truncated(path: str, native: bool, seconds: float, resu
     results.put(("reader", opened, refused, sorted(seen), problems[:5]))
 
 
+@pytest.mark.integration
 def test_open_and_read_race_a_process_truncating_the_file(region: Path, native: bool) -> None:
     with ShmPublisher(region, dp_size=2, dp_rank=0) as p0, ShmPublisher(region, dp_size=2, dp_rank=1) as p1:
         p0.publish(checkable(0, 1))
@@ -1025,6 +1030,7 @@ def _second_publisher(path: str, results: Any) -> None:
         results.put(str(e))
 
 
+@pytest.mark.integration
 def test_second_publisher_for_a_rank(region: Path) -> None:
     first = ShmPublisher(region, dp_size=2, dp_rank=0)
     with pytest.raises(RegionError, match="dp_rank 0 already has a publisher in this process") as e:
@@ -1065,6 +1071,7 @@ def test_unusable_directory(tmp_path: Path) -> None:
         assert str(under_file) in str(e.value)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
 def test_unwritable_directory_and_unreadable_file() -> None:
     """Permission checks do not apply to root, so a forked child drops to nobody first.

@@ -26,6 +26,7 @@ import zmq.auth
 from conftest import free_port
 from prometheus_client import CollectorRegistry
 
+from loadsvc.core import writer as region_writer
 from loadsvc.core.region import ShmPublisher, ShmReader, create_region
 from loadsvc.core.schema import (
     SCHEMA_FINGERPRINT,
@@ -42,7 +43,6 @@ from loadsvc.relay import (
     encode_frame,
     generate_keys,
 )
-from loadsvc.core import writer as region_writer
 from loadsvc.relay import collector as relay_collector
 from loadsvc.relay import publisher as relay_publisher
 from loadsvc.settings import CollectorSettings, CurveClientSettings, CurveServerSettings
@@ -309,6 +309,7 @@ def publisher_process(endpoint: str, rank: int, running: int,
     return proc, int(line)
 
 
+@pytest.mark.integration
 def test_an_extra_publisher_holds_a_rank_only_while_it_sends(collector, shm_path, zctx):
     c = collector(stale_after=0.5)
     live, live_epoch = publisher_process(c.bound_endpoint, 2, running=1, seconds=60)
@@ -339,6 +340,7 @@ def test_an_extra_publisher_holds_a_rank_only_while_it_sends(collector, shm_path
         live.communicate(timeout=10)
 
 
+@pytest.mark.integration
 def test_a_seq_jump_is_refused_not_adopted(collector, shm_path, zctx):
     c = collector()
     live, live_epoch = publisher_process(c.bound_endpoint, 1, running=1, seconds=60)
@@ -583,6 +585,7 @@ print(sent, flush=True)
 """
 
 
+@pytest.mark.integration
 def test_a_flood_queues_a_bounded_number_of_frames_per_connection(collector, shm_path, monkeypatch):
     """8 connections push 100 kB frames while the collector thread is held: what the collector's
     process buffers is bounded by RCVHWM per connection (ZMQ's default parked ~37 MB each)."""

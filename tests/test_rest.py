@@ -15,7 +15,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,7 @@ def by_rank(body: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 async def test_all_ranks_equal_what_was_published(client: httpx.AsyncClient) -> None:
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     r = await client.get("/v1/loads")
     assert r.status_code == 200
     assert r.headers["content-type"] == "application/json"
@@ -663,6 +663,7 @@ SERVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_real_uvicorn_server(region: Region) -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(region.path), str(port), "k"],

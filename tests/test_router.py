@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import drive
+
 from loadsvc.tools.fleet import EngineProc, Fleet
 from loadsvc.tools.router import parse_worker
 
@@ -37,6 +37,7 @@ def test_parse_worker() -> None:
             parse_worker(bad)
 
 
+@pytest.mark.integration
 def test_p2c_sends_most_requests_to_the_fast_engine(fleet: Fleet) -> None:
     fast = fleet.engine(speeds=(1.0,), wait=False)
     slow = fleet.engine(speeds=(0.25,), wait=False)
@@ -52,6 +53,7 @@ def test_p2c_sends_most_requests_to_the_fast_engine(fleet: Fleet) -> None:
     assert lag["samples"] > 50 and lag["p50"] < 50, lag  # a fresh view: pushed within a publish period
 
 
+@pytest.mark.integration
 def test_p2c_picks_the_rank_of_a_multi_rank_engine(fleet: Fleet) -> None:
     engine = fleet.engine(dp_size=2, speeds=(1.0, 0.25))
     router = fleet.router([engine], policy="p2c", seed=1)
@@ -65,6 +67,7 @@ def test_p2c_picks_the_rank_of_a_multi_rank_engine(fleet: Fleet) -> None:
     assert per_rank(engine)[1] == slow + 5
 
 
+@pytest.mark.integration
 def test_p2c_skips_an_engine_whose_loads_are_stale(fleet: Fleet) -> None:
     a = fleet.engine(stale_after=0.5, wait=False)
     b = fleet.engine(stale_after=0.5, wait=False)
@@ -152,6 +155,7 @@ def test_engine_gone_requests_still_served(fleet: Fleet) -> None:
     assert r.status_code == 502 and "unreachable" in r.json()["error"]["message"]
 
 
+@pytest.mark.integration
 def test_round_robin_alternates_and_streams_through(fleet: Fleet) -> None:
     a = fleet.engine(wait=False)
     b = fleet.engine(wait=False)

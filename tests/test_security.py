@@ -67,7 +67,7 @@ def _write_certs(directory: Path) -> Certs:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -201,6 +201,7 @@ def test_region_file_mode(shm_path: Path, serve_process: Any, flags: tuple[str, 
     assert server.stop() == 0
 
 
+@pytest.mark.integration
 def test_region_created_by_a_publisher_is_0600(shm_path: Path) -> None:
     old = os.umask(0)
     try:
@@ -307,6 +308,7 @@ def test_mutual_tls(region: Path, serve_process: Any, certs: Certs) -> None:
     assert server.stop() == 0
 
 
+@pytest.mark.integration
 def test_tls_files_missing_fail_at_start(region: Path, certs: Certs, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "loadsvc", "serve", "--shm", str(region), "--grpc-port", "0",
                            "--http-port", "0", "--tls-cert", str(tmp_path / "missing.pem"),
@@ -356,14 +358,15 @@ def test_api_key_on_every_endpoint_but_health(region: Path, serve_process: Any, 
         }
         for name, call in calls.items():
             for md in bad_mds:
-                assert _grpc_code(lambda: call(md)) == grpc.StatusCode.UNAUTHENTICATED, (name, md)
-            assert _grpc_code(lambda: call(good_md)) == grpc.StatusCode.OK, name
+                assert _grpc_code(lambda call=call, md=md: call(md)) == grpc.StatusCode.UNAUTHENTICATED, (name, md)
+            assert _grpc_code(lambda call=call: call(good_md)) == grpc.StatusCode.OK, name
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == SERVING  # open
     assert KEY not in server.log()  # the key is never logged
     assert server.stop() == 0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", ["serve", "get", "watch"])
 @pytest.mark.parametrize(("how", "key"), [("flag", ""), ("flag", "   "), ("flag", " k3y"), ("env", ""),
                                           ("env", "k3y\n")])

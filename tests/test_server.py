@@ -157,6 +157,7 @@ def test_serve_api_key(shm_path: Path, serve_process: Any, channel_to: Any) -> N
     assert server.stop() == 0
 
 
+@pytest.mark.integration
 def test_serve_port_in_use_fails_with_a_message(shm_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -304,7 +305,7 @@ def test_serve_grpc_workers_share_the_port(shm_path: Path, serve_process: Any, c
                     for _ in range(32)]
         stubs = [pb_grpc.LoadServiceStub(ch) for ch in channels]
         for stub in stubs:
-            loads = wait_for(lambda: stub.GetLoads(pb.GetLoadsRequest(), timeout=2).loads, 5, "rank 1")
+            loads = wait_for(lambda stub=stub: stub.GetLoads(pb.GetLoadsRequest(), timeout=2).loads, 5, "rank 1")
             assert [(x.dp_rank, x.num_running_reqs) for x in loads] == [(1, 5)]
         per_process = {pid: _established_on(server.grpc_port, pid) for pid in (server.proc.pid, *workers)}
         assert sum(per_process.values()) == 32 and all(per_process.values()), per_process
@@ -337,6 +338,7 @@ def test_serve_grpc_workers_share_the_port(shm_path: Path, serve_process: Any, c
     assert not port_in_use(server.grpc_port) and not port_in_use(server.http_port)
 
 
+@pytest.mark.integration
 def test_serve_grpc_workers_port_in_use_fails_with_a_message(shm_path: Path) -> None:
     with socket.socket() as taken:  # a listener without SO_REUSEPORT: workers must not join it
         taken.bind(("127.0.0.1", 0))

@@ -151,6 +151,7 @@ def test_same_seed_same_snapshots():
 # -- the process ---------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_publishes_at_rate_then_stops_on_sigterm(region):
     proc = simulate("--shm", str(region), "--dp-size", "4", "--rate", "50", "--seed", "7")
     try:
@@ -180,6 +181,7 @@ def test_publishes_at_rate_then_stops_on_sigterm(region):
         proc.wait()
 
 
+@pytest.mark.integration
 def test_ranks_subset_and_duration(region):
     start = time.monotonic()
     proc = simulate("--shm", str(region), "--dp-size", "4", "--ranks", "1,3", "--rate", "40",
@@ -198,6 +200,7 @@ def test_ranks_subset_and_duration(region):
         assert [s.dp_rank for s in reader.read_all()] == [1, 3]
 
 
+@pytest.mark.integration
 def test_stops_on_sigint(region):
     proc = simulate("--shm", str(region), "--dp-size", "2")
     try:
@@ -216,6 +219,7 @@ def test_stops_on_sigint(region):
     (["--dp-size", "2", "--rate", "0"], "expected a number > 0"),
     (["--dp-size", "2", "--ranks", "x"], "ranks must look like"),
 ])
+@pytest.mark.integration
 def test_bad_flags_exit_2(region, args, message):
     proc = simulate("--shm", str(region), *args)
     _, err = proc.communicate(timeout=10)
@@ -225,6 +229,7 @@ def test_bad_flags_exit_2(region, args, message):
     assert not region.exists()
 
 
+@pytest.mark.integration
 def test_rank_already_published_is_a_clear_error(region):
     first = simulate("--shm", str(region), "--dp-size", "2", "--ranks", "0")
     try:
@@ -238,6 +243,7 @@ def test_rank_already_published_is_a_clear_error(region):
         first.communicate(timeout=5)
 
 
+@pytest.mark.integration
 def test_publishes_through_the_zmq_relay(region):
     from conftest import free_port, start_serve
 

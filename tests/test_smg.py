@@ -22,7 +22,7 @@ from conftest import drive, wait_for
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc.tools.fleet import EngineProc, Fleet, smg_available
 
-pytestmark = [pytest.mark.timeout(90),
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90),
               pytest.mark.skipif(smg_available() is not None, reason=smg_available() or "")]
 
 REQUESTS = 80

@@ -41,7 +41,7 @@ STALE_AFTER = 3.0        # loadsvc's default: the plugin's default heartbeat (1 
 UNREACHABLE_AFTER = 6.0
 FRESHNESS = {"LOADSVC_STALE_AFTER": f"{STALE_AFTER:g}", "LOADSVC_UNREACHABLE_AFTER": f"{UNREACHABLE_AFTER:g}"}
 
-pytestmark = [pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,11 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import drive, wait_for
+
 from loadsvc.tools.fleet import EngineProc, Fleet, vllm_router_available
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.integration]
 HELD = 6  # requests held open on the busy engine, more than the router ever has in flight
 CONCURRENCY = 4
 LOAD_INTERVAL = 1  # seconds between vllm-router's polls of /get_load (whole seconds, at least 1)

@@ -258,7 +258,7 @@ async def _watch_main(target: str, subscribers: int, ready: Any, final: Any, res
         done.set()
     try:
         await asyncio.wait_for(done.wait(), SETTLE)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     reached = sum(1 for s in last_seq if s >= final_seq[0])
     for t in tasks:

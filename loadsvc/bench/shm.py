@@ -36,6 +36,7 @@ import secrets
 import statistics
 import struct
 import time
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -75,9 +76,9 @@ def _map_struct(cls: type) -> type:
     fields = []
     for f in msgspec.structs.fields(cls):
         ty = f.type
-        if typing.get_origin(ty) is typing.Union:  # Optional[section]
+        if typing.get_origin(ty) in (typing.Union, types.UnionType):  # section | None
             (section,) = [a for a in typing.get_args(ty) if a is not type(None)]
-            ty = typing.Optional[_map_struct(section)]
+            ty = _map_struct(section) | None
         fields.append((f.name, ty, f.default))
     out = msgspec.defstruct(f"Map{cls.__name__}", fields, kw_only=True, gc=False)
     _MAP_STRUCTS[cls] = out

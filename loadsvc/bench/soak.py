@@ -336,7 +336,8 @@ def run(args: argparse.Namespace) -> int:
     log_file = tempfile.NamedTemporaryFile(prefix="loadsvc-soak-serve-", suffix=".log", delete=False)
     print(f"loadsvc bench soak: {minutes:g} min, {RANKS} ranks at {RATE_HZ:g} Hz, {subscribers} WatchLoads "
           f"subscribers (min_interval_ms {min_interval}), REST {rest_rate:g} req/s over {REST_CONNECTIONS} "
-          f"connections ({'wrk' if wrk else 'httpx'})\nmachine: {machine()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
+          f"connections ({'wrk' if wrk else 'httpx'})\nmachine: {machine()}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
           f"region {shm}, serve log {log_file.name}", flush=True)
 
     ctx = mp.get_context("spawn")
@@ -428,9 +429,12 @@ def run(args: argparse.Namespace) -> int:
         "serve stopped cleanly (exit 0) with no ERROR lines": serve.returncode == 0 and log_errors == 0,
     }
     print(f"""
-REST       {served} requests served ({served / seconds:.0f}/s of {rest_rate:g}/s asked), {rest_errors} errors {rest_result['failures'] or ''}
-           latency p50 {rest_result['p50_ms']:.2f} ms, p99 {rest_result['p99_ms']:.2f} ms, max {rest_result['max_ms']:.1f} ms
-WatchLoads {subscribers} subscribers, {watch_result['messages']} messages ({watch_result['messages'] / seconds:.0f}/s), \
+REST       {served} requests served ({served / seconds:.0f}/s of {rest_rate:g}/s asked), \
+{rest_errors} errors {rest_result['failures'] or ''}
+           latency p50 {rest_result['p50_ms']:.2f} ms, p99 {rest_result['p99_ms']:.2f} ms, \
+max {rest_result['max_ms']:.1f} ms
+WatchLoads {subscribers} subscribers, {watch_result['messages']} messages \
+({watch_result['messages'] / seconds:.0f}/s), \
 {watch_result['n_errors']} errors {watch_result['errors'] or ''}
 publisher  {pub_result['publishes']} publishes; publish() p50 {pub_result['p50_us']:.1f} us, \
 p99.9 {pub_result['p999_us']:.1f} us, slowest {pub_result['slowest_us']:.0f} us ({pub_result['over_1ms']} over 1 ms)

@@ -77,7 +77,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, cast
 
 import msgspec
 
@@ -127,7 +127,7 @@ def default_path(instance: str = "default") -> Path:
 
 
 def freshness(publish_time_ns: int, now_ns: int, stale_after: float = DEFAULT_STALE_AFTER,
-              unreachable_after: float = DEFAULT_UNREACHABLE_AFTER) -> tuple[Any, float]:
+              unreachable_after: float = DEFAULT_UNREACHABLE_AFTER) -> tuple[Status, float]:
     """(Status, age in ms) of a snapshot published at publish_time_ns, seen at now_ns.
 
     healthy while age <= stale_after seconds, stale until unreachable_after,
@@ -171,12 +171,16 @@ _time_ns = time.time_ns
 # with acquire loads, the same checksum, the same decoder; ranks it cannot read
 # go through _refresh as in the Python loop. Built at install when a compiler is
 # there (optional in pyproject.toml); without it the Python loop runs.
+_native_copy: Callable[[Any, int, int], bytes] | None = None
+_install_guard: Callable[[], None] | None = None
+_native_read_changed: Callable[..., list[int] | None] | None = None
 try:
-    from loadsvc.core._shmfast import copy as _native_copy
-    from loadsvc.core._shmfast import install_guard as _install_guard
-    from loadsvc.core._shmfast import read_changed as _native_read_changed
+    from loadsvc.core import _shmfast
 except ImportError:  # not built: the Python loop, reading with os.pread
-    _native_read_changed = _native_copy = _install_guard = None
+    pass
+else:
+    _native_copy, _install_guard = _shmfast.copy, _shmfast.install_guard
+    _native_read_changed = _shmfast.read_changed
 
 
 def native_read_loop() -> bool:
@@ -417,7 +421,7 @@ class ShmPublisher:
         """Sequence of the last publish (0 before the first)."""
         return self._seq
 
-    def publish(self, snapshot: Any, *, publish_time_ns: int | None = None) -> int:
+    def publish(self, snapshot: LoadSnapshot, *, publish_time_ns: int | None = None) -> int:
         """Write snapshot into this rank's slot; return its sequence number.
 
         Raises ValueError, leaving the slot untouched, when the snapshot's
@@ -454,7 +458,7 @@ class ShmPublisher:
         self._seq = n
         return n
 
-    def maybe_publish(self, build: Callable[[], Any]) -> bool:
+    def maybe_publish(self, build: Callable[[], LoadSnapshot]) -> bool:
         """Call build() and publish its snapshot on every interval-th call; True if it did."""
         self._calls += 1
         if self._calls < self.interval:
@@ -485,7 +489,7 @@ class ShmPublisher:
         self._region.close()  # closing the fd drops the lock
         self._region = None  # type: ignore[assignment]
 
-    def __enter__(self) -> ShmPublisher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -606,7 +610,7 @@ class ShmReader:
         self._seq_off = r.seq_off
         self._seq_bytes = (r.seq_off, r.seq_off + 8 * r.slot_count)
         self._decode = msgspec.msgpack.Decoder(LoadSnapshot).decode
-        self._cache: list[Any] = [None] * self.dp_size  # last good snapshot per rank
+        self._cache: list[LoadSnapshot | None] = [None] * self.dp_size  # last good snapshot per rank
         self._cache_seq = [0] * self.dp_size
         self._slots_off = r.slots_off
         self._slot_size = r.slot_size
@@ -614,14 +618,14 @@ class ShmReader:
         # Offset of buffer (n & 1) of rank r at index 2 * r + (n & 1).
         self._buffers = [r.buffer_offset(rank, i) for rank in range(self.dp_size) for i in (0, 1)]
         self._all_key: bytes | None = None
-        self._all: list[Any] = []
+        self._all: list[LoadSnapshot] = []
         self.torn_retries = 0  # buffer changed or checksum failed during a copy
         self.unavailable = 0  # reads that gave up after READ_RETRIES
         self.corrupt = 0  # intact-checksum payloads that failed to decode or named another rank
         stat = os.fstat(fd)
         self._identity = (stat.st_dev, stat.st_ino)
 
-    def read(self, rank: int) -> Any:
+    def read(self, rank: int) -> LoadSnapshot | None:
         """The latest snapshot of rank (None if never published); raises IndexError if out of range.
 
         RegionError when the file was truncated under the reader.
@@ -647,7 +651,7 @@ class ShmReader:
         return RegionError(f"{self.path}: region file truncated under this reader (it shrank below "
                            "the size its header describes); open a new reader once it is valid again")
 
-    def _refresh(self, rank: int, n: int) -> Any:
+    def _refresh(self, rank: int, n: int) -> LoadSnapshot | None:
         # The slow path (retries, counting) for a rank that changed.
         copy = self._copy
         slot = self._slots_off + rank * self._slot_size
@@ -681,7 +685,7 @@ class ShmReader:
         self.unavailable += 1
         return self._cache[rank]
 
-    def read_all(self) -> list[Any]:
+    def read_all(self) -> list[LoadSnapshot]:
         """Snapshots of every published rank, ascending rank; cheap when nothing changed.
 
         RegionError when the file was truncated under the reader.
@@ -706,7 +710,9 @@ class ShmReader:
                 self._refresh(rank, seqs[rank])
         else:
             self._read_changed_python(seqs)
-        self._all = out = cache.copy() if None not in cache else [s for s in cache if s is not None]
+        # (the cast: no None left in cache on the first branch)
+        self._all = out = (cast(list[LoadSnapshot], cache.copy()) if None not in cache
+                           else [s for s in cache if s is not None])
         # Remember the key only when every rank was read at that sequence, so a
         # rank that could not be read intact is retried on the next call.
         self._all_key = key if list(seqs) == cache_seq else None
@@ -760,7 +766,7 @@ class ShmReader:
         a, b = self._seq_bytes
         return list(self._seq_struct.unpack(self._copy(a, b - a)))
 
-    def freshness(self, snapshot: Any, now_ns: int | None = None) -> tuple[Any, float]:
+    def freshness(self, snapshot: LoadSnapshot | None, now_ns: int | None = None) -> tuple[Status, float]:
         """(Status, age_ms) of a snapshot under this reader's stale/unreachable bounds."""
         return freshness(snapshot.publish_time_ns if snapshot is not None else 0,
                          now_ns if now_ns is not None else time.time_ns(),
@@ -798,7 +804,7 @@ class ShmReader:
         self._region.close()
         self._region = None  # type: ignore[assignment]
 
-    def __enter__(self) -> ShmReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

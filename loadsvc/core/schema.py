@@ -1,28 +1,44 @@
-"""Every non-protobuf form of a snapshot, derived from the protobuf descriptor.
+"""Every non-protobuf form of a snapshot, following the protobuf descriptor.
 
-    proto/loadsvc/v1/loads.proto --protoc--> loads_pb2 (descriptor)
-                                               |
-                     this module walks it at import time
-                                               v
-        msgspec Structs: LoadSnapshot, MemoryMetrics, ... (shared memory,
-        ZMQ payloads, JSON), Status, field lists, schema fingerprint
+    proto/loadsvc/v1/loads.proto --python -m loadsvc._codegen--> loads_pb2 (descriptor)
+                                   |                                   |
+                                   v                                   v
+    core/_structs.py: LoadSnapshot, MemoryMetrics, ..., Status   this module checks the
+    (msgspec Structs for shared memory, ZMQ payloads, JSON)      classes at import, then
+                                                                 derives field lists,
+                                                                 the fingerprint, to_dict,
+                                                                 to_proto, from_proto
 
 No field is typed a second time here: adding a field to loads.proto and
 regenerating is all it takes for the Structs, JSON, Prometheus and the region's
-fingerprint to follow.
+fingerprint to follow. The Structs are generated classes (not built at import)
+so that type checkers and editors see them; the rules that shape them, the
+value rule among them, live in core/_derive.py.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-import sys
-from typing import Annotated, Any, Optional
+import inspect
+from typing import Any, cast, overload
 
 import msgspec
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
+from loadsvc.core import _derive, _structs
+from loadsvc.core._structs import (
+    AggregateMetrics,
+    DisaggregationMetrics,
+    LoadSnapshot,
+    LoRAMetrics,
+    MemoryMetrics,
+    QueueMetrics,
+    SpeculativeMetrics,
+    Status,
+)
 
 __all__ = [
     "LoadSnapshot",
@@ -44,98 +60,94 @@ __all__ = [
     "status_number",
 ]
 
-# The value rule: every number in a snapshot is a count, a size, a rate, a ratio or a
-# time, so none is negative and none is NaN or infinite. It lives in these types, and
-# so in every Struct derived below: the region's reader and the relay's collector
-# decode with them (a payload breaking the rule is refused like a corrupt one) and the
-# publishers check their own payload with them (check_payload). No upper bound beyond
-# the protobuf type's: engines differ on what a ratio such as token_usage may reach.
-# For floats, ge=0 also refuses NaN (every comparison with NaN is false) and le=the
-# largest double refuses +inf.
-_I32 = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
-_I64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-_U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
-_U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgspec itself caps ints at 2**64 - 1
-_F64 = Annotated[float, msgspec.Meta(ge=0.0, le=sys.float_info.max)]
-_SCALAR_TYPES: dict[int, Any] = {
-    FieldDescriptor.TYPE_INT32: _I32,
-    FieldDescriptor.TYPE_INT64: _I64,
-    FieldDescriptor.TYPE_UINT32: _U32,
-    FieldDescriptor.TYPE_UINT64: _U64,
-    FieldDescriptor.TYPE_SINT32: _I32,
-    FieldDescriptor.TYPE_SINT64: _I64,
-    FieldDescriptor.TYPE_DOUBLE: _F64,
-    FieldDescriptor.TYPE_FLOAT: _F64,
-    FieldDescriptor.TYPE_STRING: str,
-    FieldDescriptor.TYPE_BOOL: bool,
-}
-# What each numeric type admits, in words (error messages name the field and this).
-_RULE_TEXT: dict[Any, str] = {
-    _I32: "an integer in 0..2147483647",
-    _I64: "an integer in 0..9223372036854775807",
-    _U32: "an integer in 0..4294967295",
-    _U64: "an integer in 0..18446744073709551615",
-    _F64: "a finite number >= 0",
-}
+_REGENERATE = ("loadsvc/core/_structs.py does not match loadsvc/_proto (both generated from proto/): "
+               "{problem}. Regenerate them with `python -m loadsvc._codegen` (if that fails with this "
+               "same error, first restore the generated files: `git checkout loadsvc/_proto "
+               "loadsvc/core/_structs.py`)")
 
 
-def _status_enum() -> type[enum.Enum]:
-    """`LOAD_STATUS_HEALTHY = 1` in proto becomes `Status.HEALTHY = "healthy"`."""
-    prefix = "LOAD_STATUS_"
-    members = {v.name.removeprefix(prefix): v.name.removeprefix(prefix).lower()
-               for v in pb.DESCRIPTOR.enum_types_by_name["LoadStatus"].values}
-    return enum.Enum("Status", members, type=str, module=__name__)
+def _stale(problem: str) -> ImportError:
+    return ImportError(_REGENERATE.format(problem=problem))
 
 
-Status: Any = _status_enum()
-_STATUS_BY_NUMBER = {v.number: Status[v.name.removeprefix("LOAD_STATUS_")]
-                     for v in pb.DESCRIPTOR.enum_types_by_name["LoadStatus"].values}
-_NUMBER_BY_STATUS = {s: n for n, s in _STATUS_BY_NUMBER.items()}
+def _message(name: str) -> Descriptor:
+    return pb.DESCRIPTOR.message_types_by_name[name]
+
+
+def _section(f: FieldDescriptor) -> Descriptor:
+    """The message of a message-typed field (protobuf types it optional: None for scalars)."""
+    if f.message_type is None:
+        raise TypeError(f"{f.full_name} is not a message field")
+    return f.message_type
+
+
+def _check_status() -> dict[int, Status]:
+    """Status against the proto enum it is generated from; its members by enum number."""
+    desc = pb.DESCRIPTOR.enum_types_by_name["LoadStatus"]
+    py_name, prefix = _derive.ENUMS[desc.full_name]
+    want = [_derive.enum_member(v.name, prefix) for v in desc.values]
+    got = [(s.name, s.value) for s in Status]
+    if Status.__name__ != py_name or got != want or not issubclass(Status, str):
+        raise _stale(f"enum {py_name} has members {got}, {desc.full_name} gives {want}")
+    return {v.number: Status(_derive.enum_member(v.name, prefix)[1]) for v in desc.values}
+
+
+_STATUS_BY_NUMBER = _check_status()
+# The numbers are LoadStatus values by construction (the descriptor lists them).
+_NUMBER_BY_STATUS = {s: cast(pb.LoadStatus, n) for n, s in _STATUS_BY_NUMBER.items()}
 
 _STRUCTS: dict[str, type[msgspec.Struct]] = {}
 # Per Struct, its fields in payload order: (name, type, the section's Struct or None).
 _FIELDS: dict[type[msgspec.Struct], tuple[tuple[str, Any, Any], ...]] = {}
+_OPTIONS = msgspec.defstruct("Options", [], **_derive.STRUCT_OPTIONS).__struct_config__
 
 
 def _struct_for(desc: Descriptor) -> type[msgspec.Struct]:
-    """A msgspec Struct with one attribute per proto field, in field-number order."""
+    """The generated Struct of a message, checked field by field against its descriptor:
+    one attribute per proto field, in field-number order, typed and defaulted by _derive."""
     if desc.full_name in _STRUCTS:
         return _STRUCTS[desc.full_name]
-    fields: list[tuple[str, Any, Any]] = []
+    cls = getattr(_structs, desc.name, None)
+    if not (isinstance(cls, type) and issubclass(cls, msgspec.Struct)):
+        raise _stale(f"no Struct {desc.name} for message {desc.full_name}")
+    want: list[tuple[str, Any, Any]] = []
     walk: list[tuple[str, Any, Any]] = []
     for f in sorted(desc.fields, key=lambda f: f.number):
         if f.type == FieldDescriptor.TYPE_MESSAGE:
-            section = _struct_for(f.message_type)
-            fields.append((f.name, Optional[section], None))
+            section = _struct_for(_section(f))
+            want.append((f.name, section | None, None))
             walk.append((f.name, None, section))
         elif f.type == FieldDescriptor.TYPE_ENUM:
-            fields.append((f.name, Status, _STATUS_BY_NUMBER[0]))
+            want.append((f.name, Status, _STATUS_BY_NUMBER[0]))
             walk.append((f.name, Status, None))
         else:
-            py = _SCALAR_TYPES[f.type]
-            default = {_F64: 0.0, str: "", bool: False}.get(py, 0)
-            fields.append((f.name, py, default))
+            py = _derive.SCALAR_TYPES[f.type]
+            want.append((f.name, py, _derive.default_of(py)))
             walk.append((f.name, py, None))
-    # array_like: payloads are msgpack arrays in field-number order (77 bytes for
-    # a core snapshot instead of ~450, and about half the decode time). The
-    # region's schema fingerprint guards the order. JSON is built by to_dict().
-    cls = msgspec.defstruct(desc.name, fields, kw_only=True, module="loadsvc", gc=False,
-                            array_like=True)
-    cls.__doc__ = f"Derived from protobuf message {desc.full_name} (see proto/)."
+    got = [(f.name, f.type, f.default) for f in msgspec.structs.fields(cls)]
+    for (name, typ, default), have in zip(want, got):
+        if (name, typ, default, type(default)) != (*have, type(have[2])):
+            raise _stale(f"{desc.name}.{name}: proto gives {typ} = {default!r}, the class has "
+                         f"{have[0]}: {have[1]} = {have[2]!r}")
+    if len(want) != len(got):
+        raise _stale(f"{desc.name} has fields {[g[0] for g in got]}, "
+                     f"{desc.full_name} {[w[0] for w in want]}")
+    options = {k for k in dir(_OPTIONS) if not k.startswith("_")
+               if getattr(cls.__struct_config__, k) != getattr(_OPTIONS, k)}
+    kinds = {p.kind for p in inspect.signature(cls).parameters.values()}
+    if options or kinds - {inspect.Parameter.KEYWORD_ONLY} or cls.__module__ != _derive.PUBLIC_MODULE:
+        raise _stale(f"{desc.name} has options other than {_derive.STRUCT_OPTIONS} "
+                     f"(differ: {sorted(options)}) or module {cls.__module__!r}")
     _STRUCTS[desc.full_name] = cls
     _FIELDS[cls] = tuple(walk)
     return cls
 
 
-LoadSnapshot: Any = _struct_for(pb.LoadSnapshot.DESCRIPTOR)
-AggregateMetrics: Any = _struct_for(pb.AggregateMetrics.DESCRIPTOR)
-MemoryMetrics: Any = _STRUCTS["loadsvc.v1.MemoryMetrics"]
-SpeculativeMetrics: Any = _STRUCTS["loadsvc.v1.SpeculativeMetrics"]
-LoRAMetrics: Any = _STRUCTS["loadsvc.v1.LoRAMetrics"]
-DisaggregationMetrics: Any = _STRUCTS["loadsvc.v1.DisaggregationMetrics"]
-QueueMetrics: Any = _STRUCTS["loadsvc.v1.QueueMetrics"]
+for _name in _derive.ROOT_MESSAGES:
+    _struct_for(_message(_name.rpartition(".")[2]))
+_RULE_TEXT = _derive.RULE_TEXT
 
-_SNAP = pb.LoadSnapshot.DESCRIPTOR
+_SNAP = _message("LoadSnapshot")
 
 # Section fields of LoadSnapshot, keyed by their `include` token.
 _INCLUDE_TOKEN = {"memory": "memory", "speculative": "spec", "lora": "lora",
@@ -165,7 +177,7 @@ def _fingerprint() -> int:
         for f in sorted(desc.fields, key=lambda f: f.number):
             parts.append(f"{desc.full_name}.{f.number}:{f.name}:{f.type}")
             if f.type == FieldDescriptor.TYPE_MESSAGE:
-                walk(f.message_type)
+                walk(_section(f))
 
     walk(_SNAP)
     return int.from_bytes(hashlib.sha256("\n".join(parts).encode()).digest()[:8], "little")
@@ -189,7 +201,7 @@ def value_error(payload: bytes) -> str | None:
     return _first_bad_value(values, LoadSnapshot, "")
 
 
-def _first_bad_value(values: Any, cls: Any, prefix: str) -> str | None:
+def _first_bad_value(values: Any, cls: type[msgspec.Struct], prefix: str) -> str | None:
     if not isinstance(values, list):
         return None
     for (name, typ, section), value in zip(_FIELDS[cls], values):
@@ -205,7 +217,7 @@ def _first_bad_value(values: Any, cls: Any, prefix: str) -> str | None:
     return None
 
 
-def status_number(status: Any) -> int:
+def status_number(status: Status) -> pb.LoadStatus:
     """The LoadStatus enum number of a Status."""
     return _NUMBER_BY_STATUS[status]
 
@@ -223,7 +235,13 @@ def to_dict(obj: msgspec.Struct) -> dict[str, Any]:
     return out
 
 
-def to_proto(obj: msgspec.Struct, message: Any = None) -> Any:
+@overload
+def to_proto(obj: LoadSnapshot, message: pb.LoadSnapshot | None = None) -> pb.LoadSnapshot: ...
+@overload
+def to_proto(obj: AggregateMetrics, message: pb.AggregateMetrics | None = None) -> pb.AggregateMetrics: ...
+@overload
+def to_proto(obj: msgspec.Struct, message: Message | None = None) -> Message: ...
+def to_proto(obj: msgspec.Struct, message: Message | None = None) -> Message:
     """Copy a derived Struct into its protobuf message (a new one unless given)."""
     desc = _PROTO_BY_STRUCT[type(obj)]
     msg = message if message is not None else _PROTO_CLASS[desc.full_name]()
@@ -239,7 +257,7 @@ def to_proto(obj: msgspec.Struct, message: Any = None) -> Any:
     return msg
 
 
-def from_proto(msg: Any) -> msgspec.Struct:
+def from_proto(msg: Message) -> msgspec.Struct:
     """Build the derived Struct from a protobuf message (any wire-identical message)."""
     desc = msg.DESCRIPTOR
     cls = _STRUCTS[_CANONICAL.get(desc.full_name, desc.full_name)]
@@ -255,7 +273,7 @@ def from_proto(msg: Any) -> msgspec.Struct:
     return cls(**kwargs)
 
 
-_PROTO_CLASS = {
+_PROTO_CLASS: dict[str, type[Message]] = {
     m.DESCRIPTOR.full_name: m
     for m in (pb.LoadSnapshot, pb.AggregateMetrics, pb.MemoryMetrics, pb.SpeculativeMetrics,
               pb.LoRAMetrics, pb.DisaggregationMetrics, pb.QueueMetrics)

@@ -31,22 +31,23 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
 
 import msgspec
 
 from loadsvc._exceptions import BadRequest
 from loadsvc.core.region import RegionError, ShmReader, create_region, freshness
-from loadsvc.core.schema import SECTIONS, AggregateMetrics, Status
+from loadsvc.core.schema import SECTIONS, AggregateMetrics, LoadSnapshot, Status
 from loadsvc.settings import StoreSettings
 
 __all__ = ["LoadStore", "View", "Selection", "parse_include", "BadRequest", "INCLUDE_TOKENS",
            "MAX_INCLUDE_VALUES", "MAX_INCLUDE_TOKENS", "MAX_INCLUDE_CHARS", "int32_total", "finite_mean"]
 
 log = logging.getLogger("loadsvc.core.store")
+_T = TypeVar("_T")
 
 TICK = 0.1  # seconds between rebuilds for ages and status transitions
 ATTACH_RETRY = 0.5  # seconds between attempts to attach / checks that the file is still there
@@ -138,32 +139,32 @@ class View:
     version: int  # moves on every rebuild
     change_version: int  # moves only on a new sequence or status
     dp_size: int  # 0 while no region is attached
-    snapshots: tuple[Any, ...]  # LoadSnapshot copies with status and age_ms filled, by rank
+    snapshots: tuple[LoadSnapshot, ...]  # copies with status and age_ms filled, by rank
     built_ns: int
     timestamp: str
-    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
     # rank -> ((seq, publish_time_ns), LoadSnapshot proto), shared by the views of one store:
     # a rank is converted to protobuf once per publish, not once per view (ages change every tick)
     proto_cache: dict[int, tuple[tuple[int, int], Any]] = field(default_factory=dict, repr=False)
 
-    def select(self, sel: Selection) -> tuple[Any, ...]:
+    def select(self, sel: Selection) -> tuple[LoadSnapshot, ...]:
         if sel.dp_rank is None:
             return self.snapshots
         return tuple(s for s in self.snapshots if s.dp_rank == sel.dp_rank)
 
-    def signature(self, sel: Selection) -> tuple[tuple[int, int, Any], ...]:
+    def signature(self, sel: Selection) -> tuple[tuple[int, int, Status], ...]:
         """(rank, seq, status) of the selected ranks: what a watcher compares."""
         key = ("sig", sel.dp_rank)
-        sig = self._memo.get(key)
+        sig: tuple[tuple[int, int, Status], ...] | None = self._memo.get(key)
         if sig is None:
             sig = tuple((s.dp_rank, s.seq, s.status) for s in self.select(sel))
             self._memo[key] = sig
         return sig
 
-    def aggregate(self, sel: Selection) -> Any:
+    def aggregate(self, sel: Selection) -> AggregateMetrics:
         """Totals and averages over the selected ranks that are not unreachable."""
         key = ("agg", sel.dp_rank)
-        agg = self._memo.get(key)
+        agg: AggregateMetrics | None = self._memo.get(key)
         if agg is None:
             live = [s for s in self.select(sel) if s.status is not Status.UNREACHABLE]
             agg = AggregateMetrics(
@@ -177,10 +178,10 @@ class View:
             self._memo[key] = agg
         return agg
 
-    def encoded(self, key: Any, build: Callable[[View], Any]) -> Any:
+    def encoded(self, key: Hashable, build: Callable[[View], _T]) -> _T:
         """build(self), computed once per View and key; the same object for every caller."""
         try:
-            return self._memo[key]
+            return cast(_T, self._memo[key])  # a key is built by one build function
         except KeyError:
             value = self._memo[key] = build(self)
             return value
@@ -212,8 +213,8 @@ class LoadStore:
         self.settings = settings
         self._clock = clock
         self._reader: ShmReader | None = None
-        self._last_list: list[Any] | None = None
-        self._statuses: tuple[Any, ...] = ()
+        self._last_list: list[LoadSnapshot] | None = None
+        self._statuses: tuple[tuple[int, Status], ...] = ()
         self._version = 0
         self._change_version = 0
         self._proto_cache: dict[int, tuple[tuple[int, int], Any]] = {}
@@ -318,7 +319,7 @@ class LoadStore:
 
     # -- views -------------------------------------------------------------
 
-    def _build(self, snaps: list[Any], dp_size: int, now_ns: int) -> View:
+    def _build(self, snaps: list[LoadSnapshot], dp_size: int, now_ns: int) -> View:
         s = self.settings
         out = []
         statuses = []
@@ -331,7 +332,7 @@ class LoadStore:
             self._change_version += 1
             self._statuses = statuses_t
         self._version += 1
-        ts = datetime.fromtimestamp(now_ns / 1e9, timezone.utc).strftime(_ISO)
+        ts = datetime.fromtimestamp(now_ns / 1e9, UTC).strftime(_ISO)
         return View(self._version, self._change_version, dp_size, tuple(out), now_ns, ts,
                     proto_cache=self._proto_cache)
 
@@ -402,7 +403,7 @@ class LoadStore:
                     await event.wait()
                 else:
                     await asyncio.wait_for(event.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return self._change_version > after
             if self._closed:  # stop() woke us; nothing changes any more (and the event stays set)
                 return self._change_version > after

@@ -42,7 +42,7 @@ class Ingest:
     """The SGLang subscriber, its discovery and the scraper of one serve."""
 
     def __init__(self, settings: ServeSettings, *, registry: Any,
-                 on_write: Callable[[], None] | None = None) -> None:
+                 on_write: Callable[[], object] | None = None) -> None:
         if settings.ingest is None:
             raise ValueError("Ingest needs ServeSettings.ingest")
         self.settings = settings

@@ -53,10 +53,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from loadsvc.core.schema import LoadSnapshot
+from loadsvc.core.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
 from loadsvc.ingest.fetch import Connection, FetchError
 from loadsvc.ingest.rejects import Rejects
-from loadsvc.core.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
-from loadsvc.core.schema import LoadSnapshot
 from loadsvc.settings import StoreSettings
 
 __all__ = [
@@ -437,7 +437,7 @@ class Scraper:
     def __init__(self, store: StoreSettings, targets: Sequence[ScrapeTarget], *, registry: Any = None,
                  interval: float = DEFAULT_INTERVAL, timeout: float = DEFAULT_TIMEOUT,
                  max_bytes: int = DEFAULT_MAX_BYTES, name_sets: Sequence[NameSet] = BUILTIN,
-                 on_write: Callable[[], None] | None = None,
+                 on_write: Callable[[], object] | None = None,
                  clock: Callable[[], int] = time.time_ns,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         from prometheus_client import CollectorRegistry, Counter

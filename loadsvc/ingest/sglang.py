@@ -89,9 +89,9 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from loadsvc.ingest.rejects import Rejects
-from loadsvc.core.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
 from loadsvc.core.schema import LoadSnapshot
+from loadsvc.core.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
+from loadsvc.ingest.rejects import Rejects
 from loadsvc.settings import StoreSettings
 
 __all__ = [
@@ -259,8 +259,8 @@ class _Endpoint:
         self.address = address
         self.rank = rank
         self.source = source  # "--sglang-endpoint", or the server URL it was discovered from
-        self.sock: zmq.Socket | None = None
-        self.monitor: zmq.Socket | None = None
+        self.sock: zmq.Socket[bytes] | None = None
+        self.monitor: zmq.Socket[bytes] | None = None
         self.seq = -1  # last accepted sequence; -1: none yet
         self.reconnected = True  # the next frame starts an incarnation
         self.epoch = 0
@@ -293,7 +293,7 @@ class SglangSubscriber:
     def __init__(self, store: StoreSettings, endpoints: Sequence[SglangEndpoint] = (), *,
                  registry: Any = None, max_rate: float = DEFAULT_MAX_RATE,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, max_endpoints: int = 256,
-                 on_write: Callable[[], None] | None = None,
+                 on_write: Callable[[], object] | None = None,
                  clock: Callable[[], int] = time.time_ns) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -332,7 +332,7 @@ class SglangSubscriber:
             self._sources["--sglang-endpoint"] = list(endpoints)
         self._changes: queue.SimpleQueue[tuple[str, list[SglangEndpoint]]] = queue.SimpleQueue()
         self._endpoints: dict[str, _Endpoint] = {}
-        self._by_socket: dict[zmq.Socket, _Endpoint] = {}
+        self._by_socket: dict[zmq.Socket[bytes], _Endpoint] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -386,11 +386,12 @@ class SglangSubscriber:
                         # Its monitor first, even when only the data socket woke us: a connection's
                         # event is queued before that connection's first frame.
                         self._drain_monitor(owner)
-                        if sock is not owner.sock:
+                        data = owner.sock
+                        if data is None or sock is not data:
                             continue
                         for _ in range(BATCH):
                             try:
-                                parts = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                                parts = data.recv_multipart(zmq.NOBLOCK, copy=True)
                             except zmq.Again:
                                 break
                             wrote |= self.handle(owner, parts, self._clock())
@@ -416,7 +417,7 @@ class SglangSubscriber:
             return 100
         return max(0, min(100, math.ceil((min(due) - time.monotonic()) * 1000)))
 
-    def _apply(self, ctx: zmq.Context, poller: zmq.Poller) -> None:
+    def _apply(self, ctx: zmq.Context[zmq.Socket[bytes]], poller: zmq.Poller) -> None:
         """Open and close sockets so they match every source's endpoints."""
         while True:
             try:
@@ -444,7 +445,7 @@ class SglangSubscriber:
                 self._open_endpoint(ctx, poller, _Endpoint(address, e.rank, source))
         self._total_gauge.set(len(self._endpoints))
 
-    def _open_endpoint(self, ctx: zmq.Context, poller: zmq.Poller, ep: _Endpoint) -> None:
+    def _open_endpoint(self, ctx: zmq.Context[zmq.Socket[bytes]], poller: zmq.Poller, ep: _Endpoint) -> None:
         sock = ctx.socket(zmq.SUB)
         try:
             sock.setsockopt(zmq.LINGER, 0)

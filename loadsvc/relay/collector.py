@@ -71,7 +71,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
 import zmq
@@ -79,8 +79,8 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from loadsvc.core import schema
-from loadsvc.core.writer import REGION_CHECK, RegionWriter, WriteRefused
 from loadsvc.core.schema import LoadSnapshot
+from loadsvc.core.writer import REGION_CHECK, RegionWriter, WriteRefused
 from loadsvc.relay.frame import (
     FRAME_HEADER,
     FRAME_MAGIC,
@@ -90,6 +90,10 @@ from loadsvc.relay.frame import (
 )
 from loadsvc.relay.keys import load_secret
 from loadsvc.settings import CollectorSettings, CurveServerSettings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from zmq.auth.thread import ThreadAuthenticator
 
 __all__ = ["Collector", "REJECT_REASONS"]
 
@@ -179,8 +183,8 @@ class Collector:
     seconds) and dropped before it touches the region.
     """
 
-    def __init__(self, settings: CollectorSettings, registry: Any = None, *,
-                 on_write: Callable[[], None] | None = None,
+    def __init__(self, settings: CollectorSettings, registry: CollectorRegistry | None = None, *,
+                 on_write: Callable[[], object] | None = None,
                  clock: Callable[[], int] = time.time_ns) -> None:
         if not settings.endpoint:
             raise ValueError("Collector needs an endpoint such as tcp://0.0.0.0:5557")
@@ -248,7 +252,7 @@ class Collector:
             log.warning("collector thread did not stop within %.1f s", timeout)
         self._thread = None
 
-    def __enter__(self) -> Collector:
+    def __enter__(self) -> Self:
         self.start_thread()
         return self
 
@@ -257,7 +261,8 @@ class Collector:
 
     # -- the thread ----------------------------------------------------------------
 
-    def _open(self, ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket, Any]:
+    def _open(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[
+            zmq.Socket[bytes], zmq.Socket[bytes], ThreadAuthenticator | None]:
         auth = None
         curve: CurveServerSettings | None = self.settings.curve
         sock = ctx.socket(zmq.PULL)
@@ -300,8 +305,14 @@ class Collector:
         self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return sock, monitor, auth
 
-    def _configure_auth(self, auth: Any) -> None:
-        directory = Path(self.settings.curve.authorized_dir)  # type: ignore[union-attr]
+    def _authorized_dir(self) -> Path:
+        """--curve-authorized-dir (asked only with CURVE on)."""
+        if self.settings.curve is None:
+            raise RuntimeError("the collector runs without CURVE: it has no authorized directory")
+        return Path(self.settings.curve.authorized_dir)
+
+    def _configure_auth(self, auth: ThreadAuthenticator) -> None:
+        directory = self._authorized_dir()
         keys = sorted(directory.glob("*.key"))
         auth.configure_curve(domain="*", location=str(directory))
         if not keys:
@@ -309,8 +320,8 @@ class Collector:
         else:
             log.info("CURVE: %d authorized publisher key(s) from %s", len(keys), directory)
 
-    def _auth_dir_stamp(self) -> tuple[Any, ...]:
-        directory = Path(self.settings.curve.authorized_dir)  # type: ignore[union-attr]
+    def _auth_dir_stamp(self) -> tuple[tuple[str, int], ...]:
+        directory = self._authorized_dir()
         try:
             return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in directory.glob("*.key")))
         except OSError:
@@ -375,7 +386,7 @@ class Collector:
             ctx.term()
             self._writer.close()
 
-    def _drain_monitor(self, monitor: zmq.Socket) -> None:
+    def _drain_monitor(self, monitor: zmq.Socket[bytes]) -> None:
         while True:
             try:
                 msg = recv_monitor_message(monitor, zmq.NOBLOCK)
@@ -419,7 +430,7 @@ class Collector:
         self._accepted_metric.inc()
         return True
 
-    def _validate(self, parts: list[bytes]) -> tuple[int, Any, int, int]:
+    def _validate(self, parts: list[bytes]) -> tuple[int, LoadSnapshot, int, int]:
         if len(parts) != 1:
             raise _Rejected("malformed", f"message of {len(parts)} parts, expected 1")
         frame = parts[0]
@@ -491,7 +502,7 @@ class Collector:
                                         f"{SEQ_RATE_CAP:,} publishes/s could since the last accepted frame "
                                         f"{now - at:.3f} s ago (at most {bound}); refused")
 
-    def _write(self, rank: int, snapshot: Any, epoch: int, seq: int, received_ns: int) -> None:
+    def _write(self, rank: int, snapshot: LoadSnapshot, epoch: int, seq: int, received_ns: int) -> None:
         snapshot.epoch = epoch
         try:
             self._writer.write(rank, snapshot, received_ns)

@@ -48,7 +48,7 @@ def encode_frame(payload: bytes, *, dp_rank: int, dp_size: int, epoch: int, seq:
     return FRAME_HEADER.pack(MAGIC_VERSION, dp_rank, dp_size, fingerprint, epoch, seq) + payload
 
 
-def set_heartbeats(sock: zmq.Socket) -> None:
+def set_heartbeats(sock: zmq.Socket[bytes]) -> None:
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)

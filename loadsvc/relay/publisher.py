@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Self
 
 import msgspec
 import zmq
@@ -55,7 +55,7 @@ class ZmqPublisher:
     def __init__(self, endpoint: str, *, dp_size: int, dp_rank: int,
                  curve: CurveClientSettings | None = None, interval: int = 1,
                  payload_capacity: int = DEFAULT_PAYLOAD_CAPACITY,
-                 context: zmq.Context | None = None, linger_ms: int = 200) -> None:
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None, linger_ms: int = 200) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in 0..{dp_size - 1} for dp_size={dp_size}, got {dp_rank}")
         if interval < 1:
@@ -92,7 +92,7 @@ class ZmqPublisher:
         except BaseException:
             sock.close(linger=0)
             raise
-        self._sock: zmq.Socket | None = sock
+        self._sock: zmq.Socket[bytes] | None = sock
         self._monitor = monitor
         self._next_check = 0.0
         self._retry_at: float | None = None
@@ -106,7 +106,7 @@ class ZmqPublisher:
         """Sequence of the last publish (0 before the first)."""
         return self._seq
 
-    def publish(self, snapshot: Any) -> int:
+    def publish(self, snapshot: LoadSnapshot) -> int:
         """Queue snapshot for the collector (replacing any undelivered one); return its seq.
 
         Raises ValueError when the snapshot's dp_rank is not this publisher's,
@@ -143,7 +143,7 @@ class ZmqPublisher:
             self._check_link(now)
         return n
 
-    def _load_curve(self, sock: zmq.Socket) -> None:
+    def _load_curve(self, sock: zmq.Socket[bytes]) -> None:
         """(Re)read the CURVE certificates: a retry after a refused handshake sees rotated files."""
         curve = self._curve
         if curve is None:
@@ -163,6 +163,8 @@ class ZmqPublisher:
         the publisher reconnects itself every HANDSHAKE_RETRY seconds.
         """
         sock, monitor = self._sock, self._monitor
+        if sock is None:  # closed
+            return
         while True:
             try:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
@@ -195,7 +197,7 @@ class ZmqPublisher:
                 except zmq.Again:
                     pass
 
-    def maybe_publish(self, build: Callable[[], Any]) -> bool:
+    def maybe_publish(self, build: Callable[[], LoadSnapshot]) -> bool:
         """Call build() and publish its snapshot on every interval-th call; True if it did."""
         self._calls += 1
         if self._calls < self.interval:
@@ -211,7 +213,7 @@ class ZmqPublisher:
             self._sock.close()
             self._sock = None
 
-    def __enter__(self) -> ZmqPublisher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -153,7 +153,7 @@ class LoadServices:
 
     # -- auth --------------------------------------------------------------------
 
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+    async def _authorize(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
         """Abort with UNAUTHENTICATED unless `authorization: Bearer <api key>` is present."""
         if self._api_key is None:
             return
@@ -183,7 +183,7 @@ class LoadServices:
     def _encoder(sel: Selection) -> Callable[[View], bytes]:
         return lambda view: response_proto(view, sel).SerializeToString()
 
-    async def _parse(self, data: bytes, cls: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def _parse(self, data: bytes, cls: Any, context: grpc.aio.ServicerContext[bytes, bytes]) -> Any:
         try:
             return cls.FromString(data)
         except DecodeError:
@@ -192,7 +192,7 @@ class LoadServices:
 
     # -- GetLoads --------------------------------------------------------------------
 
-    async def get_loads(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def get_loads(self, data: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         """GetLoads for both services: the view's memoized bytes for this selection."""
         await self._authorize(context)
         request = await self._parse(data, pb.GetLoadsRequest, context)
@@ -238,7 +238,7 @@ class LoadServices:
                 seen = self.store.change_version
                 self._changes.wake()
 
-    async def watch_loads(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
+    async def watch_loads(self, data: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
         await self._authorize(context)
         request = await self._parse(data, pb.WatchLoadsRequest, context)
         try:
@@ -282,7 +282,7 @@ class LoadServices:
             if self._streams == 0 and self._streams_done is not None:
                 self._streams_done.set()
 
-    async def _refuse_stream(self, context: grpc.aio.ServicerContext) -> None:
+    async def _refuse_stream(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
         self.refused_streams += 1
         now = time.monotonic()
         if now - self._refused_logged >= _REFUSED_LOG_EVERY:
@@ -293,7 +293,7 @@ class LoadServices:
                             f"WatchLoads: {self._streams} streams open, this server's limit "
                             "(--max-streams); retry later, or share one stream per client")
 
-    async def _write(self, context: grpc.aio.ServicerContext, message: bytes) -> bool:
+    async def _write(self, context: grpc.aio.ServicerContext[bytes, bytes], message: bytes) -> bool:
         """Write one WatchLoads message; False when the subscriber went away (counted, DEBUG).
 
         A write the call ends under (the client cancelled, or its connection died
@@ -328,7 +328,7 @@ class LoadServices:
             self._streams_done = asyncio.Event()
             try:
                 await asyncio.wait_for(self._streams_done.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("%d WatchLoads stream(s) still writing after %.1f s (clients not reading); "
                             "the server stop cancels them", self._streams, timeout)
         if self._pump_task is not None:
@@ -347,10 +347,12 @@ class LoadServices:
 def _reflection_servicer(names: tuple[str, ...], services: LoadServices) -> Any:
     from grpc_reflection.v1alpha.reflection import aio as reflection_aio
 
-    class _Reflection(reflection_aio.ReflectionServicer):  # type: ignore[misc]
+    class _Reflection(reflection_aio.ReflectionServicer):
         async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> Any:
             await services._authorize(context)
-            async for response in super().ServerReflectionInfo(request_iterator, context):
+            # types-grpcio-reflection declares a coroutine; at runtime it is an async generator
+            async for response in super().ServerReflectionInfo(  # type: ignore[attr-defined]
+                    request_iterator, context):
                 yield response
 
     return _Reflection(names)
@@ -380,7 +382,7 @@ def add_load_services(server: grpc.aio.Server, store: LoadStore, *, sglang: bool
     services = LoadServices(store, api_key=api_key, health=health_servicer, service_names=tuple(names),
                             max_streams=max_streams)
 
-    get = grpc.unary_unary_rpc_method_handler(services.get_loads)
+    get: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(services.get_loads)
     handlers: dict[str, dict[str, Any]] = {
         LOAD_SERVICE: {"GetLoads": get, "WatchLoads": grpc.unary_stream_rpc_method_handler(services.watch_loads)},
     }
@@ -402,6 +404,6 @@ def add_load_services(server: grpc.aio.Server, store: LoadStore, *, sglang: bool
         listed.append(grpc_reflection.SERVICE_NAME)
         if sglang:
             import loadsvc._proto.sglang.grpc.scheduler.sglang_scheduler_pb2  # noqa: F401  (descriptor pool)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            _reflection_servicer(tuple(listed), services), server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+            _reflection_servicer(tuple(listed), services), server)  # (untyped in its stubs)
     return services

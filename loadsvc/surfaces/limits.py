@@ -430,7 +430,9 @@ def uvicorn_config(app: Any, limits: HttpLimits, guard: ConnectionGuard, *, host
     import uvicorn
 
     protocol = type("GuardedHttpToolsProtocol", (_GuardedProtocol,), {"guard": guard})
-    return uvicorn.Config(app, host=host, port=port, http=protocol, timeout_keep_alive=limits.idle_timeout,
+    # uvicorn annotates timeout_keep_alive as int but only hands it to loop.call_later (a float delay)
+    return uvicorn.Config(app, host=host, port=port, http=protocol,
+                          timeout_keep_alive=limits.idle_timeout,  # type: ignore[arg-type]
                           **kwargs)
 
 

@@ -73,7 +73,7 @@ import grpc
 from xds.data.orca.v3 import orca_load_report_pb2
 from xds.service.orca.v3 import orca_pb2
 
-from loadsvc.core.schema import Status
+from loadsvc.core.schema import LoadSnapshot, Status
 from loadsvc.core.store import LoadStore, View, finite_mean
 from loadsvc.surfaces.grpc import DEFAULT_MAX_STREAMS
 
@@ -107,7 +107,7 @@ _SUMMED = ("num_running_reqs", "num_waiting_reqs", "num_total_reqs", "num_used_t
            "max_running_requests", "gen_throughput")
 
 
-def rank_utilization(snap: Any) -> float:
+def rank_utilization(snap: LoadSnapshot) -> float:
     """u of one healthy rank (module docstring): busy in [0, 1] plus a waiting-queue term in [0, 1]."""
     cap = snap.max_running_requests
     running = snap.num_running_reqs / cap if cap > 0 else 0.0
@@ -120,12 +120,12 @@ def report(view: View, ranks: Sequence[int] | None = None) -> Any:
     """The OrcaLoadReport for ``ranks`` (None: every rank of the region) in ``view``."""
     by_rank = {s.dp_rank: s for s in view.snapshots}
     wanted = range(view.dp_size) if ranks is None else ranks
-    healthy: list[Any] = []
+    healthy: list[LoadSnapshot] = []
     stale = unreachable = 0
     for rank in wanted:
         snap = by_rank.get(rank)
         status = snap.status if snap is not None else Status.UNREACHABLE
-        if status is Status.HEALTHY:
+        if snap is not None and status is Status.HEALTHY:
             healthy.append(snap)
         elif status is Status.STALE:
             stale += 1
@@ -204,10 +204,15 @@ class OrcaService:
     def current(self) -> bytes:
         """The serialized report for the store's current View (encoded once per View)."""
         ranks = self.ranks
-        return self.store.view().encoded(self._key, lambda v: report(v, ranks).SerializeToString())
+
+        def build(view: View) -> bytes:
+            data: bytes = report(view, ranks).SerializeToString()  # (xds-protos has no types)
+            return data
+
+        return self.store.view().encoded(self._key, build)
 
     async def stream_core_metrics(self, data: bytes,
-                                  context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+                                  context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
         try:
             request = OrcaLoadReportRequest.FromString(data)
         except Exception as e:  # DecodeError; the client learns what it sent wrong
@@ -281,7 +286,8 @@ def add_orca_service(server: grpc.aio.Server, store: LoadStore, *,
     service = OrcaService(store, ranks=ranks, min_report_interval=min_report_interval,
                           max_streams=max_streams)
     # Identity serializers: the handler yields the bytes memoized per View.
-    methods = {"StreamCoreMetrics": grpc.unary_stream_rpc_method_handler(service.stream_core_metrics)}
+    methods: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+        "StreamCoreMetrics": grpc.unary_stream_rpc_method_handler(service.stream_core_metrics)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ORCA_SERVICE, methods),))
     if hasattr(server, "add_registered_method_handlers"):
         server.add_registered_method_handlers(ORCA_SERVICE, methods)

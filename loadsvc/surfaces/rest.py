@@ -52,6 +52,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._version import __version__
@@ -184,7 +185,7 @@ def _is_number(f: FieldDescriptor) -> bool:
                           FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
 
 
-_SNAPSHOT = pb.LoadSnapshot.DESCRIPTOR
+_SNAPSHOT = pb.DESCRIPTOR.message_types_by_name["LoadSnapshot"]
 # (attribute, metric name, help) of the numeric per-rank core fields; dp_rank is the label.
 _CORE_GAUGES = tuple(
     (name, f"loadsvc_{name}", f"LoadSnapshot.{name} from the rank's last publish")
@@ -193,8 +194,7 @@ _CORE_GAUGES = tuple(
 _SECTION_GAUGES: dict[str, tuple[tuple[str, str, str], ...]] = {}
 _SECTION_LABELS: dict[str, tuple[tuple[str, str, str], ...]] = {}
 for _f in sorted(_SNAPSHOT.fields, key=lambda f: f.number):
-    if _f.type == FieldDescriptor.TYPE_MESSAGE:
-        _msg = _f.message_type
+    if (_msg := _f.message_type) is not None:  # a section
         _SECTION_GAUGES[_f.name] = tuple(
             (g.name, f"loadsvc_{_f.name}_{g.name}", f"{_msg.name}.{g.name} from the rank's last publish")
             for g in sorted(_msg.fields, key=lambda g: g.number) if _is_number(g))
@@ -206,7 +206,7 @@ for _f in sorted(_SNAPSHOT.fields, key=lambda f: f.number):
 _AGGREGATE_GAUGES = tuple(
     (f.name, f"loadsvc_aggregate_{f.name}", f"AggregateMetrics.{f.name} over the selected ranks "
                                             "that are not unreachable")
-    for f in sorted(pb.AggregateMetrics.DESCRIPTOR.fields, key=lambda f: f.number))
+    for f in sorted(pb.DESCRIPTOR.message_types_by_name["AggregateMetrics"].fields, key=lambda f: f.number))
 _STATUSES = tuple(s for s in Status if s is not Status.UNSPECIFIED)
 
 
@@ -296,11 +296,11 @@ class _ReaderCollector:
             for region, values in counters:
                 fam.add_metric([region], values[key])
             yield fam
-        fam = GaugeMetricFamily("loadsvc_region_attached", "1 while the region is attached",
-                                labels=["region"])
+        attached = GaugeMetricFamily("loadsvc_region_attached", "1 while the region is attached",
+                                     labels=["region"])
         for s in stores:
-            fam.add_metric([str(s.settings.shm)], 1 if s.attached else 0)
-        yield fam
+            attached.add_metric([str(s.settings.shm)], 1 if s.attached else 0)
+        yield attached
         fam = CounterMetricFamily("loadsvc_region_detached", "Times the server detached from the region "
                                   "(truncated: it shrank under the reader; removed: removed or replaced)",
                                   labels=["region", "reason"])
@@ -342,7 +342,7 @@ def _metrics_for(registry: CollectorRegistry) -> _Metrics:
 
 # -- OpenAPI ------------------------------------------------------------------------------
 
-_JSON_TYPES = {
+_JSON_TYPES: dict[int, dict[str, Any]] = {
     FieldDescriptor.TYPE_DOUBLE: {"type": "number"},
     FieldDescriptor.TYPE_FLOAT: {"type": "number"},
     FieldDescriptor.TYPE_INT32: {"type": "integer", "format": "int32"},
@@ -439,7 +439,7 @@ class _Loads:
         self.expected = api_key.encode() if api_key else None
         self._memo: dict[tuple[bytes, int | None], tuple[Selection, str] | _Invalid] = {}
 
-    def authorized(self, scope: dict[str, Any]) -> bool:
+    def authorized(self, scope: Scope) -> bool:
         if self.expected is None:
             return True
         for name, value in scope["headers"]:
@@ -454,7 +454,7 @@ class _Loads:
         return 401, body, [(b"content-type", _JSON_CT), (b"content-length", b"%d" % len(body)),
                            (b"www-authenticate", b"Bearer")]
 
-    def respond(self, scope: dict[str, Any]) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    def respond(self, scope: Scope) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """(status, body, raw headers) for one GET /v1/loads."""
         if self.expected is not None and not self.authorized(scope):
             return self.unauthorized("/v1/loads")
@@ -486,7 +486,7 @@ class _Loads:
         body = view.encoded(("prometheus", sel), lambda v: _prometheus_body(v, sel))
         return 200, body, [(b"content-type", _PROM_CT), (b"content-length", b"%d" % len(body))]
 
-    def respond_get_load(self, scope: dict[str, Any]) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    def respond_get_load(self, scope: Scope) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """(status, body, raw headers) for one GET /get_load: vllm-router's ``{"load": N}``."""
         if self.expected is not None and not self.authorized(scope):
             return self.unauthorized("/get_load")

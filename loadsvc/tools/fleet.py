@@ -279,7 +279,8 @@ class Fleet:
         cmd = [*python_command("-m", "smg"), "launch", "--host", HOST, "--port", str(port),
                "--policy", policy, "--load-monitor-interval", f"{load_monitor_interval:g}",
                "--prometheus-host", HOST, "--prometheus-port", str(free_port()),
-               "--log-level", "warn", "--shutdown-grace-period-secs", "1", "--worker-urls", *[e.url for e in engines], *args]
+               "--log-level", "warn", "--shutdown-grace-period-secs", "1",
+               "--worker-urls", *[e.url for e in engines], *args]
         def all_healthy(r: httpx.Response) -> bool:
             workers = r.json().get("workers", [])
             return sum(bool(w.get("is_healthy")) for w in workers) == len(engines)

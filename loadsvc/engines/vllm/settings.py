@@ -4,16 +4,16 @@ vLLM builds the stat logger as ``cls(vllm_config, engine_index)`` and the
 middleware as ``cls(app)``: neither can take loadsvc's flags, so both read these
 variables (all optional) when they are built:
 
-| variable                     | default                        | what |
-|------------------------------|--------------------------------|------|
-| ``LOADSVC_SHM``              | ``/dev/shm/loadsvc-default.shm`` | the region file (created with vLLM's DP size) |
-| ``LOADSVC_VLLM_PUBLISH``     | ``1``                          | ``0`` turns the stat-logger plugin off |
-| ``LOADSVC_PUBLISH_INTERVAL_MS`` | ``20``                      | least time between publishes when running/waiting did not change |
-| ``LOADSVC_HEARTBEAT_MS``     | ``1000``                       | an idle engine's rank is re-published this often |
-| ``LOADSVC_REGION_MODE``      | ``0600``                       | file mode of a region the plugin creates (``0660``: group readers) |
-| ``LOADSVC_API_KEY``          | unset                          | the middleware's ``/v1/loads`` needs ``Authorization: Bearer KEY`` |
-| ``LOADSVC_STALE_AFTER``      | ``3``                          | the middleware's freshness bound, seconds |
-| ``LOADSVC_UNREACHABLE_AFTER`` | ``30``                        | the middleware's unreachable bound, seconds |
+| variable                        | default  | what |
+|---------------------------------|----------|------|
+| ``LOADSVC_SHM``                 | ``/dev/shm/loadsvc-default.shm`` | the region file (created with vLLM's DP size) |
+| ``LOADSVC_VLLM_PUBLISH``        | ``1``    | ``0`` turns the stat-logger plugin off |
+| ``LOADSVC_PUBLISH_INTERVAL_MS`` | ``20``   | least time between publishes when running/waiting did not change |
+| ``LOADSVC_HEARTBEAT_MS``        | ``1000`` | an idle engine's rank is re-published this often |
+| ``LOADSVC_REGION_MODE``         | ``0600`` | file mode of a region the plugin creates (``0660``: group readers) |
+| ``LOADSVC_API_KEY``             | unset    | the middleware's ``/v1/loads`` needs ``Authorization: Bearer KEY`` |
+| ``LOADSVC_STALE_AFTER``         | ``3``    | the middleware's freshness bound, seconds |
+| ``LOADSVC_UNREACHABLE_AFTER``   | ``30``   | the middleware's unreachable bound, seconds |
 """
 
 from __future__ import annotations
