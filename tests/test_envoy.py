@@ -176,5 +176,5 @@ async def test_envoy_split_follows_the_engines_loads_and_flips_with_them(
 
     # The weights came out of band: a stream per engine, reports on them, none failed.
     stats = orca_stats(admin_url)
-    assert stats["active_sessions"] == 2 and stats["reports_received"] > 10, stats
+    assert stats["active_sessions"] == 2 and stats["reports_received"] >= 2, stats
     assert stats["stream_failures"] == 0 and stats["report_errors"] == 0, stats
