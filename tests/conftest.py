@@ -216,3 +216,32 @@ async def drive(url: str, n: int, concurrency: int, max_new: int = 32,
                     "text": f"request {i}", "sampling_params": {"max_new_tokens": max_new}, **(extra or {})})
                 return r.status_code
         return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+# -- a real vLLM (tests/test_vllm.py, tests/test_ingest_scrape.py) -------------------------------
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The python of the vLLM venv (loadsvc.bench.vllm_env) with this tree's loadsvc installed.
+
+    Missing: the test skips, except under CI (CI=true), where a skip would hide a broken install.
+    """
+    from loadsvc.bench import vllm_env
+
+    why = vllm_env.missing()
+    if why:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the vLLM tests: {why}")
+        pytest.skip(why)
+    vllm_env.install_loadsvc(Path(__file__).resolve().parent.parent)
+    return vllm_env.venv_python()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (loadsvc.bench.tiny_llama), built once per session."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    subprocess.run([str(vllm_python), "-m", "loadsvc.bench.tiny_llama", str(out)], check=True,
+                   capture_output=True, cwd="/", env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return out

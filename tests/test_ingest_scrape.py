@@ -32,7 +32,6 @@ import pytest
 from conftest import drive, wait_for
 from prometheus_client import CollectorRegistry
 
-from loadsvc.bench import vllm_env
 from loadsvc.core.region import ShmReader
 from loadsvc.ingest.scrape import (
     SGLANG,
@@ -48,7 +47,6 @@ from loadsvc.ingest.scrape import (
 from loadsvc.settings import StoreSettings
 from loadsvc.tools.fleet import Fleet
 
-REPO = Path(__file__).resolve().parent.parent
 STALE_AFTER = 1.5
 UNREACHABLE_AFTER = 3.0
 
@@ -410,23 +408,6 @@ def test_a_slow_or_failing_endpoint_turns_stale_never_zero(pages: str, shm_path:
 # -- a real vLLM ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    why = vllm_env.missing()
-    if why:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI must run the vLLM tests: {why}")
-        pytest.skip(why)
-    vllm_env.install_loadsvc(REPO)
-    return vllm_env.venv_python()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run([str(vllm_python), "-m", "loadsvc.bench.tiny_llama", str(out)], check=True,
-                   capture_output=True, cwd="/", env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return out
 
 
 async def completions(url: str, model: str, n: int, max_tokens: int) -> list[int]:

@@ -33,10 +33,8 @@ from conftest import wait_for
 
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
-from loadsvc.bench import vllm_env
 from loadsvc.tools.fleet import Fleet, VllmProc, smg_available
 
-REPO = Path(__file__).resolve().parent.parent
 STALE_AFTER = 3.0        # loadsvc's default: the plugin's default heartbeat (1 s) must keep up with it
 UNREACHABLE_AFTER = 6.0
 FRESHNESS = {"LOADSVC_STALE_AFTER": f"{STALE_AFTER:g}", "LOADSVC_UNREACHABLE_AFTER": f"{UNREACHABLE_AFTER:g}"}
@@ -44,23 +42,6 @@ FRESHNESS = {"LOADSVC_STALE_AFTER": f"{STALE_AFTER:g}", "LOADSVC_UNREACHABLE_AFT
 pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.timeout(420)]
 
 
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    why = vllm_env.missing()
-    if why:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI must run the vLLM tests: {why}")
-        pytest.skip(why)
-    vllm_env.install_loadsvc(REPO)
-    return vllm_env.venv_python()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run([str(vllm_python), "-m", "loadsvc.bench.tiny_llama", str(out)], check=True,
-                   capture_output=True, cwd="/", env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return out
 
 
 @pytest.fixture
