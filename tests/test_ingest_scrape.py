@@ -441,27 +441,25 @@ def test_a_real_vllms_metrics_show_up_as_healthy_ranks(vllm_python: Path, tiny_m
         rows = _get_rows(serve)
         assert len(rows) == 2 and all("healthy" in row for row in rows), rows
 
-        # A burst (4 seats per engine, 16 requests each): running and waiting move on serve's ranks,
-        # sampled on a thread while it runs (vLLM's own /metrics answers slowly while it is busy).
+        # A burst (4 seats per engine, 24 requests each) on a thread: running and waiting move on
+        # serve's ranks. Sampled until both ranks were seen full with a queue (a busy machine makes
+        # each sample slow: vLLM's /metrics answers slowly while it is busy), at most while it runs.
         ours: list[dict[int, tuple[int, int]]] = []
-        done = threading.Event()
+        codes: list[int] = []
+        burst = threading.Thread(target=lambda: codes.extend(
+            asyncio.run(completions(server.url, str(tiny_model), 48, 240))))
+        burst.start()
 
-        def sample() -> None:
-            while not done.is_set():
-                ours.append({r: (ld["num_running_reqs"], ld["num_waiting_reqs"]) for r, ld in _loads(serve).items()})
-                time.sleep(0.02)
+        def seen_full() -> bool:
+            ours.append({r: (ld["num_running_reqs"], ld["num_waiting_reqs"]) for r, ld in _loads(serve).items()})
+            return all(any(s[r][0] == 4 and s[r][1] > 0 for s in ours) for r in (0, 1)) or not burst.is_alive()
 
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
-            codes = asyncio.run(completions(server.url, str(tiny_model), 32, 200))
-        finally:
-            done.set()
-            sampler.join(30)
-        assert codes == [200] * 32
+        wait_for(seen_full, 120, "the burst to end", interval=0.02)
+        burst.join(120)
+        assert codes == [200] * 48
         for rank in (0, 1):
             assert max(s[rank][0] for s in ours) == 4, ours
-            assert 0 < max(s[rank][1] for s in ours) <= 32 - 2 * 4, ours
+            assert 0 < max(s[rank][1] for s in ours) <= 48 - 2 * 4, ours
         wait_for(lambda: {r: (ld["num_running_reqs"], ld["num_waiting_reqs"]) for r, ld in _loads(serve).items()}
                  == {0: (0, 0), 1: (0, 0)}, 5, "serve's ranks back to 0")
         loads = _loads(serve)
