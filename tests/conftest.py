@@ -10,6 +10,8 @@
     forge_publish(shm, rank, n, payload) write payload as publish n of rank with a valid checksum,
                                        as a foreign writer bypassing ShmPublisher would
     drive(url, n, concurrency, ...)    n POST /generate through url, at most concurrency at once
+    vllm_python, tiny_model (fixtures) the vLLM venv's python, a tiny Llama built here (session-wide)
+    Burst(url, model, ...)             completions kept in flight on a vLLM until the test saw enough
 
 A test that starts another process is marked `integration` (pyproject.toml), so that
 `pytest -m "not integration"` is a fast inner loop: per module with `pytestmark`, per test
@@ -18,11 +20,14 @@ with `@pytest.mark.integration`, and here for every test taking serve_process or
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from loadsvc import default_path
@@ -204,10 +210,6 @@ def forge_publish(shm: Path, rank: int, n: int, payload: bytes) -> None:
 async def drive(url: str, n: int, concurrency: int, max_new: int = 32,
                 extra: dict[str, Any] | None = None) -> list[int]:
     """n `POST /generate` requests through url, at most concurrency at once; their status codes."""
-    import asyncio
-
-    import httpx
-
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=30) as client:
         async def one(i: int) -> int:
@@ -245,3 +247,52 @@ def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     subprocess.run([str(vllm_python), "-m", "loadsvc.bench.tiny_llama", str(out)], check=True,
                    capture_output=True, cwd="/", env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return out
+
+
+class Burst:
+    """Completions kept in flight against a vLLM server, on a thread, until the with block ends (or a time limit).
+
+    The real-vLLM tests sample loads while vLLM is busy. On 2 CPUs under a full suite a
+    one-shot burst can end before a sampler saw it: vLLM's API server (detokenizing every
+    step's output) starves, and each sample takes seconds. So the burst lasts until the test
+    has what it samples for, bounded by limit seconds; requests still running then are dropped.
+        with Burst(url, model, in_flight=48, max_tokens=240) as burst:
+            wait_for(seen, 150, "...")
+        assert set(burst.codes) <= {200} and not burst.errors
+    """
+
+    def __init__(self, url: str, model: str, *, in_flight: int, max_tokens: int, limit: float = 150.0) -> None:
+        self.url, self.model, self.in_flight, self.max_tokens, self.limit = url, model, in_flight, max_tokens, limit
+        self.codes: list[int] = []  # of the completions that finished
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        # A new connection per request: a starved API server may sit past vLLM's 5 s keep-alive, and
+        # uvloop runs that timer before it reads a request waiting on the idle connection.
+        limits = httpx.Limits(max_connections=self.in_flight, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            async def worker(i: int) -> None:
+                for n in itertools.count():
+                    r = await client.post(self.url + "/v1/completions", json={
+                        "model": self.model, "prompt": f"request {i}.{n}", "max_tokens": self.max_tokens,
+                        "ignore_eos": True})
+                    self.codes.append(r.status_code)
+
+            workers = [asyncio.create_task(worker(i)) for i in range(self.in_flight)]
+            await asyncio.to_thread(self._stop.wait, self.limit)
+            for w in workers:  # requests still running are dropped: vLLM aborts them
+                w.cancel()
+            for result in await asyncio.gather(*workers, return_exceptions=True):
+                if not isinstance(result, asyncio.CancelledError):
+                    self.errors.append(result)
+
+    def __enter__(self) -> Burst:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the burst did not stop in 30 s"

@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import Burst, wait_for
 
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
 from loadsvc._proto.loadsvc.v1 import loads_pb2_grpc as pb_grpc
@@ -132,40 +132,64 @@ def test_vllm_dp2_publishes_through_plugin_and_middleware(vllm_python: Path, tin
         assert http.get(server.url + "/get_load").json() == {
             "load": 0, "num_running_reqs": 0, "num_waiting_reqs": 0, "ranks": 2}
 
-        # A burst: 4 running per engine, the rest waiting; sampled while it runs.
+        # A burst: 4 running per engine, the rest waiting, kept up until the sampler saw enough.
         watch = Watch(serve.grpc_target)
         samples: list[tuple[dict[int, tuple[int, int]], ...]] = []
         get_loads: list[int] = []
-        done = threading.Event()
+        failed: list[BaseException] = []
+
+        def steady() -> list[tuple[int, tuple[int, int], tuple[int, int]]]:
+            """(rank, loadsvc's view, vLLM's gauges) where loadsvc's view of the rank did not change
+            around the /metrics read."""
+            return [(r, s[0][r], s[1][r]) for s in samples for r in (0, 1) if s[0][r] == s[2][r]]
+
+        def steady_busy() -> list[tuple[int, tuple[int, int], tuple[int, int]]]:
+            return [s for s in steady() if s[1] != (0, 0)]
+
+        def seen_enough() -> bool:
+            if failed or not samples:
+                return bool(failed)
+            full = all(any(s[0][r][0] == 4 and s[0][r][1] > 0 for s in samples) for r in (0, 1))
+            return full and max(get_loads) > 8 and len(steady_busy()) >= 3
 
         def sample() -> None:
-            while not done.is_set():
-                before = loads_counts(http.get(server.url + "/v1/loads").json())
-                theirs = metrics_counts(http.get(server.url + "/metrics").text)
-                after = loads_counts(http.get(server.url + "/v1/loads").json())
-                samples.append((before, theirs, after))
-                get_loads.append(http.get(server.url + "/get_load").json()["load"])
-                time.sleep(0.01)
+            # A new connection per request: a starved API server may sit past vLLM's 5 s keep-alive,
+            # and uvloop runs that timer before it reads a request waiting on the idle connection.
+            with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as fresh:
+                try:
+                    while not done.is_set():
+                        before = loads_counts(fresh.get(server.url + "/v1/loads").json())
+                        theirs = metrics_counts(fresh.get(server.url + "/metrics").text)
+                        after = loads_counts(fresh.get(server.url + "/v1/loads").json())
+                        samples.append((before, theirs, after))
+                        get_loads.append(fresh.get(server.url + "/get_load").json()["load"])
+                        time.sleep(0.01)
+                except Exception as e:  # reported by the test, not lost with the thread
+                    failed.append(e)
 
+        done = threading.Event()
         sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
-            codes = asyncio.run(completions(server.url, str(tiny_model), n=48, max_tokens=240))
-        finally:
-            done.set()
-            sampler.join(30)
-        assert codes == [200] * 48
+        with Burst(server.url, str(tiny_model), in_flight=48, max_tokens=240) as burst:
+            sampler.start()
+            try:
+                wait_for(lambda: seen_enough() or not sampler.is_alive(), 150, "the sampler to see the burst",
+                         interval=0.1)
+            except AssertionError:
+                pass  # the checks below say what was missing
+            finally:
+                done.set()
+                sampler.join(60)
+        assert not failed, failed
+        assert set(burst.codes) <= {200} and not burst.errors, (burst.codes, burst.errors)
 
         # Running and waiting moved on vLLM's port, for both ranks.
         for rank in (0, 1):
             assert max(s[0][rank][0] for s in samples) == 4, samples
             assert max(s[0][rank][1] for s in samples) > 0, samples
         assert max(get_loads) > 8, get_loads  # running + waiting over both engines
-        # Where loadsvc's view did not change around a /metrics read, vLLM's own gauges agree.
-        steady = [s for s in samples if s[0] == s[2]]
-        busy = [s for s in steady if any(r or w for r, w in s[0].values())]
-        assert len(busy) >= 3, f"only {len(busy)} steady busy samples of {len(samples)}"
-        assert all(s[0] == s[1] for s in steady), [s for s in steady if s[0] != s[1]]
+        # Where loadsvc's view of a rank did not change around a /metrics read, vLLM's own gauges agree.
+        assert len(steady_busy()) >= 3, f"only {len(steady_busy())} steady busy rank samples: {samples}"
+        assert all(ours == theirs for _, ours, theirs in steady()), [s for s in steady() if s[1] != s[2]]
 
         # After the burst: back to 0 on both surfaces.
         wait_for(lambda: loads_counts(http.get(server.url + "/v1/loads").json()) == {0: (0, 0), 1: (0, 0)},
