@@ -381,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-idle-timeout", type=_positive_float, default=g.idle_timeout, metavar="S",
                    help="a gRPC connection without a call this long is closed (GOAWAY; clients "
                         "reconnect) (default %(default)s)")
+    p.add_argument("--grpc-keepalive", type=_positive_float, default=g.keepalive, metavar="S",
+                   help="a gRPC connection with calls open (e.g. a quiet WatchLoads stream) is pinged after "
+                        "S seconds without a frame from its client, and closed when the ping is not "
+                        f"answered within S or {g.keepalive_timeout:g} s, whichever is less: a vanished "
+                        "subscriber's streams are freed (default %(default)s)")
     _add_ingest_args(p)
 
     p = sub.add_parser("simulate", help="publish simulated engine load",
@@ -601,7 +606,9 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         http_limits=_http_limits(args),
         grpc_limits=GrpcLimits(max_connections=args.grpc_max_connections,
                                max_streams_per_connection=args.grpc_max_streams,
-                               idle_timeout=args.grpc_idle_timeout, handshake_timeout=args.handshake_timeout),
+                               idle_timeout=args.grpc_idle_timeout, handshake_timeout=args.handshake_timeout,
+                               keepalive=args.grpc_keepalive,
+                               keepalive_timeout=min(GrpcLimits.keepalive_timeout, args.grpc_keepalive)),
     )
 
 

@@ -118,23 +118,28 @@ class ServeProcess:
 
 def start_serve(shm: Path, *, dp_size: int | None = None, args: Sequence[str] = (),
                 env: dict[str, str] | None = None, grpc_port: int | None = None,
-                http_port: int | None = None, timeout: float = 20.0) -> ServeProcess:
-    """Start `python -m loadsvc serve --shm shm` on free loopback ports and wait until both answer."""
+                http_port: int | None = None, host: str = "127.0.0.1", timeout: float = 20.0) -> ServeProcess:
+    """Start `python -m loadsvc serve --shm shm` on free ports and wait until both answer.
+
+    host: 127.0.0.1, or an address of a network namespace bridge the test made (--host).
+    """
     grpc_port = grpc_port or free_port()
     http_port = http_port or free_port()
     while http_port == grpc_port:
         http_port = free_port()
     cmd = [sys.executable, "-m", "loadsvc", "serve", "--shm", str(shm),
            "--grpc-port", str(grpc_port), "--http-port", str(http_port), *args]
+    if host != "127.0.0.1":
+        cmd += ["--host", host]
     if dp_size is not None:
         cmd += ["--dp-size", str(dp_size)]
     fd, log_name = tempfile.mkstemp(prefix="loadsvc-serve-", suffix=".log")
     log_file = os.fdopen(fd, "wb")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, **(env or {})})
-    server = ServeProcess(proc, shm, grpc_port, http_port, Path(log_name), _log_file=log_file)
+    server = ServeProcess(proc, shm, grpc_port, http_port, Path(log_name), host=host, _log_file=log_file)
     deadline = time.monotonic() + timeout
-    while not (port_answers(grpc_port) and port_answers(http_port)):
+    while not (port_answers(grpc_port, host) and port_answers(http_port, host)):
         if proc.poll() is not None:
             text = server.log()
             server.close()

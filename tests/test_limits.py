@@ -5,6 +5,7 @@
     a flood of idle connections                 capped (--http-max-connections): under a low
                                                 RLIMIT_NOFILE, gRPC and REST still answer
     a TLS handshake that never finishes         closed after --handshake-timeout
+    a WatchLoads subscriber that vanished       its stream freed after --grpc-keepalive (network namespace)
     a 1 GB body (declared or chunked)           413 from the engine and the router, not buffered
 
 Every server is a real process on loopback; every flood is bounded in bytes and sockets,
@@ -231,6 +232,55 @@ def test_serve_fits_its_open_file_limit_to_the_caps(shm_path: Path, limit: tuple
         out = proc.communicate(timeout=15)[0]
     assert proc.returncode == 0, out
     assert ("open-file limit (512) is below what the connection caps need (896" in out) == (raised < 896), out
+
+
+def grpc_streams(server: ServeProcess, method: str = "WatchLoads") -> float:
+    text = httpx.get(f"{server.http_url}/metrics", timeout=5).text
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "loadsvc_grpc_streams":
+            return next(s.value for s in fam.samples if s.labels.get("method") == method)
+    raise AssertionError("no loadsvc_grpc_streams on /metrics")
+
+
+# A WatchLoads subscriber asking for a message at most once an hour (a quiet stream), on its own host.
+SUBSCRIBER = """
+import sys, grpc
+from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb, loads_pb2_grpc as pb_grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    for message in pb_grpc.LoadServiceStub(channel).WatchLoads(pb.WatchLoadsRequest(max_interval_ms=3_600_000)):
+        print("message", message.timestamp, flush=True)
+"""
+
+
+def test_a_vanished_watchloads_subscriber_frees_its_stream(shm_path: Path, serve_process: Any,
+                                                           tmp_path: Path) -> None:
+    """A subscriber whose host drops off the network (no FIN, no RST) while its stream is quiet.
+
+    Nothing is written to it, so no TCP timeout ever fires: only the keepalive ping
+    (--grpc-keepalive) finds it gone. The subscriber runs in a network namespace whose
+    link the test takes down.
+    """
+    from loadsvc.bench.netns import NetnsUnavailable, Topology, check_available, wait_until
+
+    try:
+        check_available()
+    except NetnsUnavailable as e:
+        pytest.skip(str(e))
+    with ShmPublisher(shm_path, dp_size=1, dp_rank=0) as pub, Topology(["subscriber"]) as topo:
+        pub.publish(LoadSnapshot(dp_rank=0, num_running_reqs=5))
+        server = serve_process(shm_path, host=topo.gateway, args=[
+            "--grpc-keepalive", "2", "--stale-after", "3600", "--unreachable-after", "3600"])
+        log = tmp_path / "subscriber.log"
+        topo.start("subscriber", [sys.executable, "-c", SUBSCRIBER, server.grpc_target], log)
+        wait_until(lambda: grpc_streams(server) == 1 and "message" in log.read_text(), 20,
+                 lambda: f"the subscriber's stream to open; its log: {log.read_text()[-2000:]}")
+        assert topo.run("subscriber", ["ip", "link", "set", "eth0", "down"]).returncode == 0
+        gone = time.monotonic()
+        time.sleep(1)
+        assert grpc_streams(server) == 1  # still held: nothing tells serve yet
+        wait_for(lambda: grpc_streams(server) == 0, 15, "serve to free the vanished subscriber's stream")
+        assert time.monotonic() - gone < 10  # 2 s to the ping, at most 2 s for its answer, and the poll
+        assert log.read_text().count("message") == 1  # the stream was quiet all along
 
 
 # -- TLS ---------------------------------------------------------------------------------------

@@ -437,10 +437,12 @@ def uvicorn_config(app: Any, limits: HttpLimits, guard: ConnectionGuard, *, host
 
 
 def grpc_options(limits: GrpcLimits) -> list[tuple[str, Any]]:
-    """grpc.aio server options enforcing limits (connections, streams, idle, handshake)."""
+    """grpc.aio server options enforcing limits (connections, streams, idle, handshake, dead peers)."""
     return [
         ("grpc.max_allowed_incoming_connections", limits.max_connections),
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
         ("grpc.max_connection_idle_ms", int(limits.idle_timeout * 1000)),
         ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout * 1000)),
+        ("grpc.keepalive_time_ms", int(limits.keepalive * 1000)),
+        ("grpc.keepalive_timeout_ms", int(limits.keepalive_timeout * 1000)),
     ]
