@@ -53,10 +53,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from loadsvc.core.rejects import Rejects
 from loadsvc.core.schema import LoadSnapshot
 from loadsvc.core.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
 from loadsvc.ingest.fetch import Connection, FetchError
-from loadsvc.ingest.rejects import Rejects
 from loadsvc.settings import StoreSettings
 
 __all__ = [

@@ -89,9 +89,9 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from loadsvc.core.rejects import Rejects
 from loadsvc.core.schema import LoadSnapshot
 from loadsvc.core.writer import REGION_CHECK, WRITE_REASONS, RegionWriter, WriteRefused
-from loadsvc.ingest.rejects import Rejects
 from loadsvc.settings import StoreSettings
 
 __all__ = [

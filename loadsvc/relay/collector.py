@@ -66,12 +66,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self
 
 import msgspec
 import zmq
@@ -79,6 +78,7 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from loadsvc.core import schema
+from loadsvc.core.rejects import LogLimiter, Rejects
 from loadsvc.core.schema import LoadSnapshot
 from loadsvc.core.writer import REGION_CHECK, RegionWriter, WriteRefused
 from loadsvc.relay.frame import (
@@ -102,7 +102,6 @@ log = logging.getLogger("loadsvc.relay")
 RETIRED_EPOCHS = 16  # replaced incarnations remembered per rank
 SEQ_RATE_CAP = 1_000_000  # publishes per second no publisher reaches: bounds a seq jump
 SEQ_SLACK = 1_000  # seq jump allowed on top of SEQ_RATE_CAP * elapsed (a backlog drained at once)
-LOG_EVERY = 10.0  # seconds: at most one log line per reject reason in this interval
 AUTH_RELOAD = 2.0  # seconds between looks at the authorized directory
 # Collector socket bounds: frames queued per connection (each at most twice
 # --max-frame-bytes: about 2 MiB per connection by default), and how long a
@@ -205,15 +204,14 @@ class Collector:
             "loadsvc_relay_frames_rejected",
             "Relay frames (and, for unauthorized/handshake_failed/no_handshake, connections) refused",
             ["reason"], registry=self.registry)
-        self._rejected_children = {r: self._rejected_metric.labels(reason=r) for r in REJECT_REASONS}
+        self._reject = Rejects(self._rejected_metric, REJECT_REASONS, "relay frame", log)
+        self.rejected = self._reject.counts  # reason -> frames (or connections) refused
         self.accepted = 0
-        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.bound_endpoint: str | None = None  # after start (the real port for tcp://...:0)
         self._decode = msgspec.msgpack.Decoder(LoadSnapshot).decode
         self._ranks: dict[int, _RankState] = {}
         self._writer = RegionWriter(self.path, dp_size=settings.dp_size, mode=settings.region_mode)
-        self._last_log: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._log_limited = LogLimiter(log)  # new and returning epochs, once per LOG_EVERY
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ready = threading.Event()
@@ -515,34 +513,10 @@ class Collector:
             return
         if epoch != state.epoch:
             back = epoch in state.retired
-            self._log_limited("epoch", "dp_rank %d: %s %#x replaces %#x%s", rank,
+            self._log_limited("epoch", logging.INFO, "dp_rank %d: %s %#x replaces %#x%s", rank,
                               "earlier publisher epoch" if back else "new publisher epoch", epoch,
                               state.epoch, f" (silent for {now - state.at:.1f} s)" if back
                               else ": a restarted publisher")
             state.switch_to(epoch)
         state.seq = seq
         state.at = now
-
-    def _log_limited(self, key: str, msg: str, *args: Any) -> None:
-        """log.info, at most once per key per LOG_EVERY seconds (keys apart from reject reasons)."""
-        now = time.monotonic()
-        if now - self._last_log.get(key, -math.inf) < LOG_EVERY:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        suppressed = self._suppressed.pop(key, 0)
-        more = f" (+{suppressed} more since the last line)" if suppressed else ""
-        log.info(msg + "%s", *args, more)
-        self._last_log[key] = now
-
-    def _reject(self, reason: str, detail: str, exc_info: bool = False,
-                level: int = logging.WARNING) -> None:
-        self.rejected[reason] += 1
-        self._rejected_children[reason].inc()
-        now = time.monotonic()
-        if now - self._last_log.get(reason, -math.inf) >= LOG_EVERY:
-            suppressed = self._suppressed.pop(reason, 0)
-            more = f" (+{suppressed} more since the last line)" if suppressed else ""
-            log.log(level, "relay rejected a frame [%s]: %s%s", reason, detail, more, exc_info=exc_info)
-            self._last_log[reason] = now
-        else:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
