@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +84,19 @@ class ServeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def loads(self) -> dict[int, dict[str, Any]]:
+        """GET /v1/loads: each rank's entry by dp_rank."""
+        body = httpx.get(self.http_url + "/v1/loads", timeout=5).json()
+        return {ld["dp_rank"]: ld for ld in body["loads"]}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample on serve's /metrics (labels exactly as given, in order)."""
+        text = httpx.get(self.http_url + "/metrics", timeout=5).text
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        m = re.search(rf"^{re.escape(name)}{re.escape('{' + want + '}') if want else ''} (\S+)$", text, re.M)
+        assert m, f"{name} {labels} not on /metrics"
+        return float(m.group(1))
 
     def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
         """The log once it contains text (lines may follow the ports by a moment)."""

@@ -254,18 +254,6 @@ def test_parse_target() -> None:
 # -- serve --scrape --------------------------------------------------------------------------------
 
 
-def _loads(serve: conftest.ServeProcess) -> dict[int, dict[str, Any]]:
-    return {ld["dp_rank"]: ld for ld in httpx.get(serve.http_url + "/v1/loads", timeout=5).json()["loads"]}
-
-
-def _metric(serve: conftest.ServeProcess, name: str, **labels: str) -> float:
-    text = httpx.get(serve.http_url + "/metrics", timeout=5).text
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    m = re.search(rf"^{re.escape(name)}{re.escape('{' + want + '}') if want else ''} (\S+)$", text, re.M)
-    assert m, f"{name} {labels} not on /metrics"
-    return float(m.group(1))
-
-
 def _get_rows(serve: conftest.ServeProcess) -> list[str]:
     out = subprocess.run([sys.executable, "-m", "loadsvc", "get", "--grpc", serve.grpc_target],
                          capture_output=True, text=True, timeout=30, env={**os.environ, "COLUMNS": "200"})
@@ -281,7 +269,7 @@ def test_serve_scrapes_loadsvc_engines_sglang_gauges(fleet: Any, shm_path: Path,
         assert re.search(rf'^sglang:{name}{{dp_rank="1",engine_type="unified",model_name="loadsvc-toy",'
                          rf'moe_ep_rank="0",pp_rank="0",tp_rank="0"}} \S+$', text, re.M), name
     serve = serve_process(shm_path, dp_size=2, args=["--scrape", engine.url])
-    wait_for(lambda: len(_loads(serve)) == 2, 10, "both ranks scraped")
+    wait_for(lambda: len(serve.loads()) == 2, 10, "both ranks scraped")
 
     async def burst() -> list[int]:
         return await drive(engine.url, 16, 16, max_new=64)
@@ -291,7 +279,7 @@ def test_serve_scrapes_loadsvc_engines_sglang_gauges(fleet: Any, shm_path: Path,
 
     def sample() -> None:
         while not done.is_set():
-            ours = _loads(serve)
+            ours = serve.loads()
             busy.extend((ld["num_running_reqs"], ld["num_waiting_reqs"]) for ld in ours.values())
             time.sleep(0.05)
 
@@ -306,7 +294,7 @@ def test_serve_scrapes_loadsvc_engines_sglang_gauges(fleet: Any, shm_path: Path,
     # Idle again: the engine's own /v1/loads and serve's agree; both ranks healthy.
     def agree() -> bool:
         theirs = {ld["dp_rank"]: ld for ld in httpx.get(engine.url + "/v1/loads", timeout=5).json()["loads"]}
-        ours = _loads(serve)
+        ours = serve.loads()
         keys = ("num_running_reqs", "num_waiting_reqs", "max_total_num_tokens", "num_used_tokens")
         return all(ours[r]["status"] == "healthy" and all(ours[r][k] == theirs[r][k] for k in keys)
                    for r in (0, 1))
@@ -314,7 +302,7 @@ def test_serve_scrapes_loadsvc_engines_sglang_gauges(fleet: Any, shm_path: Path,
     wait_for(agree, 10, "serve's scraped ranks to agree with the engine")
     rows = _get_rows(serve)
     assert len(rows) == 2 and all("healthy" in row for row in rows), rows
-    assert _metric(serve, "loadsvc_scrapes_total", result="ok") > 5
+    assert serve.metric("loadsvc_scrapes_total", result="ok") > 5
 
 
 class _Pages(http.server.BaseHTTPRequestHandler):
@@ -378,28 +366,28 @@ def test_a_slow_or_failing_endpoint_turns_stale_never_zero(pages: str, shm_path:
         "--scrape", f"{pages}/a=0", "--scrape", f"{pages}/b=1", "--scrape", f"{pages}/c=2",
         "--scrape", f"{pages}/d=3", "--scrape", f"{pages}/e=4", "--scrape-timeout-ms", "300",
         "--stale-after", str(STALE_AFTER), "--unreachable-after", str(UNREACHABLE_AFTER)])
-    wait_for(lambda: {r: ld["status"] for r, ld in _loads(serve).items()} == {0: "healthy", 1: "healthy"}, 10,
+    wait_for(lambda: {r: ld["status"] for r, ld in serve.loads().items()} == {0: "healthy", 1: "healthy"}, 10,
              "the two good endpoints' ranks")
     # 10 MB pages are refused (declared or not), a NaN refuses its rank: ranks 2..4 never appear.
-    wait_for(lambda: _metric(serve, "loadsvc_scrapes_total", result="too_large") >= 4, 10, "too_large counted")
-    wait_for(lambda: _metric(serve, "loadsvc_scrape_ranks_rejected_total", reason="bad_value") >= 2, 10,
+    wait_for(lambda: serve.metric("loadsvc_scrapes_total", result="too_large") >= 4, 10, "too_large counted")
+    wait_for(lambda: serve.metric("loadsvc_scrape_ranks_rejected_total", reason="bad_value") >= 2, 10,
              "the NaN counted")
-    assert set(_loads(serve)) == {0, 1}
+    assert set(serve.loads()) == {0, 1}
     # One endpoint turns slow (past --scrape-timeout-ms), the other fails with HTTP 500.
     _Pages.mode.update(a="slow", b="error")
     failed = time.monotonic()
-    wait_for(lambda: {ld["status"] for r, ld in _loads(serve).items()} == {"stale"}, STALE_AFTER + 3,
+    wait_for(lambda: {ld["status"] for r, ld in serve.loads().items()} == {"stale"}, STALE_AFTER + 3,
              "both ranks stale")
     assert time.monotonic() - failed > STALE_AFTER - 1.1
-    loads = _loads(serve)
+    loads = serve.loads()
     assert (loads[0]["num_running_reqs"], loads[0]["token_usage"]) == (2, 0.5)  # the last values, never zero
-    assert _metric(serve, "loadsvc_scrapes_total", result="timeout") >= 1
-    assert _metric(serve, "loadsvc_scrapes_total", result="http_status") >= 1
-    wait_for(lambda: {ld["status"] for ld in _loads(serve).values()} == {"unreachable"}, UNREACHABLE_AFTER + 3,
+    assert serve.metric("loadsvc_scrapes_total", result="timeout") >= 1
+    assert serve.metric("loadsvc_scrapes_total", result="http_status") >= 1
+    wait_for(lambda: {ld["status"] for ld in serve.loads().values()} == {"unreachable"}, UNREACHABLE_AFTER + 3,
              "both ranks unreachable")
     # Back to normal: healthy again, without restarting serve.
     _Pages.mode.update(a="ok", b="ok")
-    wait_for(lambda: {ld["status"] for ld in _loads(serve).values()} == {"healthy"}, 10, "healthy again")
+    wait_for(lambda: {ld["status"] for ld in serve.loads().values()} == {"healthy"}, 10, "healthy again")
     log = serve.log()
     assert "refused a scrape [timeout]" in log and "(--scrape-timeout-ms)" in log
     assert log.count("refused a scrape [too_large]") <= 2  # at most one line per reason per 10 s, and the first
@@ -424,9 +412,9 @@ def test_a_real_vllms_metrics_show_up_as_healthy_ranks(vllm_python: Path, tiny_m
             # a busy vLLM on 2 CPUs answers /metrics in seconds: a scrape may take that long here
             "--scrape", server.url, "--scrape-timeout-ms", "5000", "--stale-after", str(STALE_AFTER),
             "--unreachable-after", str(UNREACHABLE_AFTER)])
-        wait_for(lambda: [ld["status"] for ld in _loads(serve).values()] == ["healthy", "healthy"], 15,
+        wait_for(lambda: [ld["status"] for ld in serve.loads().values()] == ["healthy", "healthy"], 15,
                  "both vLLM engines as healthy ranks")
-        for ld in _loads(serve).values():
+        for ld in serve.loads().values():
             assert ld["max_total_num_tokens"] == kv_tokens
             assert (ld["num_running_reqs"], ld["num_waiting_reqs"]) == (0, 0)
         rows = _get_rows(serve)
@@ -437,7 +425,7 @@ def test_a_real_vllms_metrics_show_up_as_healthy_ranks(vllm_python: Path, tiny_m
         ours: list[dict[int, tuple[int, int]]] = []
 
         def seen_full() -> bool:
-            ours.append({r: (ld["num_running_reqs"], ld["num_waiting_reqs"]) for r, ld in _loads(serve).items()})
+            ours.append({r: (ld["num_running_reqs"], ld["num_waiting_reqs"]) for r, ld in serve.loads().items()})
             return all(any(s[r][0] == 4 and s[r][1] > 0 for s in ours) for r in (0, 1))
 
         with Burst(server.url, str(tiny_model), in_flight=48, max_tokens=240) as burst:
@@ -449,19 +437,19 @@ def test_a_real_vllms_metrics_show_up_as_healthy_ranks(vllm_python: Path, tiny_m
         for rank in (0, 1):
             assert max(s[rank][0] for s in ours) == 4, ours
             assert 0 < max(s[rank][1] for s in ours) <= 48 - 2 * 4, ours
-        wait_for(lambda: {r: (ld["num_running_reqs"], ld["num_waiting_reqs"]) for r, ld in _loads(serve).items()}
+        wait_for(lambda: {r: (ld["num_running_reqs"], ld["num_waiting_reqs"]) for r, ld in serve.loads().items()}
                  == {0: (0, 0), 1: (0, 0)}, 5, "serve's ranks back to 0")
-        loads = _loads(serve)
+        loads = serve.loads()
         assert all(ld["gen_throughput"] >= 0 and ld["status"] == "healthy" for ld in loads.values())
-        assert _metric(serve, "loadsvc_scrape_ranks_rejected_total", reason="bad_value") == 0
+        assert serve.metric("loadsvc_scrape_ranks_rejected_total", reason="bad_value") == 0
 
         # vLLM dies: the scrape fails, the ranks turn stale, then unreachable.
         server.kill()
-        wait_for(lambda: {ld["status"] for ld in _loads(serve).values()} == {"stale"}, STALE_AFTER + 3,
+        wait_for(lambda: {ld["status"] for ld in serve.loads().values()} == {"stale"}, STALE_AFTER + 3,
                  "the ranks stale")
-        wait_for(lambda: {ld["status"] for ld in _loads(serve).values()} == {"unreachable"},
+        wait_for(lambda: {ld["status"] for ld in serve.loads().values()} == {"unreachable"},
                  UNREACHABLE_AFTER + 3, "the ranks unreachable")
-        assert math.isfinite(_metric(serve, "loadsvc_scrapes_total", result="unreachable"))
+        assert math.isfinite(serve.metric("loadsvc_scrapes_total", result="unreachable"))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -34,7 +34,6 @@ from typing import Any
 
 import conftest
 import grpc
-import httpx
 import msgspec
 import pytest
 import zmq
@@ -358,18 +357,6 @@ def publishers() -> Iterator[list[PublisherProcess]]:
         p.kill()
 
 
-def _loads(serve: conftest.ServeProcess) -> dict[int, dict[str, Any]]:
-    return {ld["dp_rank"]: ld for ld in httpx.get(serve.http_url + "/v1/loads", timeout=5).json()["loads"]}
-
-
-def _metric(serve: conftest.ServeProcess, name: str, **labels: str) -> float:
-    text = httpx.get(serve.http_url + "/metrics", timeout=5).text
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    m = re.search(rf"^{re.escape(name)}{re.escape('{' + want + '}') if want else ''} (\S+)$", text, re.M)
-    assert m, f"{name} {labels} not on /metrics"
-    return float(m.group(1))
-
-
 class Watch:
     """A WatchLoads stream read on a thread."""
 
@@ -411,11 +398,11 @@ def test_sglang_stream_reaches_rest_watchloads_and_get(publisher_impl: str, shm_
     watch = Watch(serve.grpc_target)
     try:
         def rest_has_both() -> bool:
-            loads = _loads(serve)
+            loads = serve.loads()
             return loads.get(0, {}).get("num_running_reqs") == 3 and loads.get(1, {}).get("num_running_reqs") == 1
 
         wait_for(rest_has_both, 10, "both ranks on REST")
-        loads = _loads(serve)
+        loads = serve.loads()
         assert {k: loads[0][k] for k in ("num_running_reqs", "num_waiting_reqs", "num_total_reqs", "num_used_tokens",
                                          "max_total_num_tokens", "token_usage", "num_waiting_uncached_tokens",
                                          "num_total_tokens", "max_running_requests", "utilization", "status")} == {
@@ -432,7 +419,7 @@ def test_sglang_stream_reaches_rest_watchloads_and_get(publisher_impl: str, shm_
         # Idle for 2 x stale_after: SGLang's 1 s heartbeat keeps both ranks healthy.
         until = time.monotonic() + 2 * STALE_AFTER
         while time.monotonic() < until:
-            assert {ld["status"] for ld in _loads(serve).values()} == {"healthy"}
+            assert {ld["status"] for ld in serve.loads().values()} == {"healthy"}
             time.sleep(0.2)
         # `loadsvc get` shows them as healthy ranks.
         out = subprocess.run([sys.executable, "-m", "loadsvc", "get", "--grpc", serve.grpc_target],
@@ -442,26 +429,26 @@ def test_sglang_stream_reaches_rest_watchloads_and_get(publisher_impl: str, shm_
         assert len(rows) == 2 and all("healthy" in row for row in rows), out.stdout
 
         # A restarted scheduler: a new process, sequence back at 0, accepted with its new values.
-        incarnations = _metric(serve, "loadsvc_sglang_incarnations_total")
+        incarnations = serve.metric("loadsvc_sglang_incarnations_total")
         pub.kill()
         pub = PublisherProcess(publisher_impl, base, 2)
         publishers.append(pub)
         pub.set(0, num_running_reqs=9, max_total_num_tokens=2000)
-        wait_for(lambda: _loads(serve)[0]["num_running_reqs"] == 9, 10, "the restarted publisher's rank 0")
-        wait_for(lambda: _metric(serve, "loadsvc_sglang_incarnations_total") >= incarnations + 2, 5,
+        wait_for(lambda: serve.loads()[0]["num_running_reqs"] == 9, 10, "the restarted publisher's rank 0")
+        wait_for(lambda: serve.metric("loadsvc_sglang_incarnations_total") >= incarnations + 2, 5,
                  "two new incarnations")
-        assert _metric(serve, "loadsvc_sglang_frames_rejected_total", reason="stale_seq") == 0
+        assert serve.metric("loadsvc_sglang_frames_rejected_total", reason="stale_seq") == 0
 
         # It stops: stale after stale_after, then unreachable, with its last values (never zero).
         pub.kill()
         stopped = time.monotonic()
-        wait_for(lambda: {ld["status"] for ld in _loads(serve).values()} == {"stale"}, STALE_AFTER + 3,
+        wait_for(lambda: {ld["status"] for ld in serve.loads().values()} == {"stale"}, STALE_AFTER + 3,
                  "both ranks stale")
         assert time.monotonic() - stopped > STALE_AFTER - 1.1
-        wait_for(lambda: {ld["status"] for ld in _loads(serve).values()} == {"unreachable"},
+        wait_for(lambda: {ld["status"] for ld in serve.loads().values()} == {"unreachable"},
                  UNREACHABLE_AFTER + 3, "both ranks unreachable")
-        assert _loads(serve)[0]["num_running_reqs"] == 9
-        assert _metric(serve, "loadsvc_sglang_frames_rejected_total", reason="decode") == 0
+        assert serve.loads()[0]["num_running_reqs"] == 9
+        assert serve.metric("loadsvc_sglang_frames_rejected_total", reason="decode") == 0
     finally:
         watch.close()
 
@@ -508,12 +495,12 @@ def test_discovery_from_server_info_subscribes_every_rank(shm_path: Path, serve_
         publishers.append(pub)
         pub.set(0, num_running_reqs=2)
         pub.set(1, num_running_reqs=5)
-        wait_for(lambda: {r: ld["num_running_reqs"] for r, ld in _loads(serve).items()} == {1: 2, 2: 5}, 10,
+        wait_for(lambda: {r: ld["num_running_reqs"] for r, ld in serve.loads().items()} == {1: 2, 2: 5}, 10,
                  "the discovered server's ranks 0, 1 as region ranks 1, 2")
-        assert _metric(serve, "loadsvc_sglang_discoveries_total", result="ok") >= 1
-        assert _metric(serve, "loadsvc_sglang_discoveries_total", result="no_load_publisher") >= 1
-        assert _metric(serve, "loadsvc_sglang_discoveries_total", result="too_large") >= 1
-        assert _metric(serve, "loadsvc_sglang_endpoints", state="configured") == 2
+        assert serve.metric("loadsvc_sglang_discoveries_total", result="ok") >= 1
+        assert serve.metric("loadsvc_sglang_discoveries_total", result="no_load_publisher") >= 1
+        assert serve.metric("loadsvc_sglang_discoveries_total", result="too_large") >= 1
+        assert serve.metric("loadsvc_sglang_endpoints", state="configured") == 2
         log = serve.log()
         assert "start SGLang with --kv-events-config" in log
         assert log.count("/nokv/server_info has no kv_events") == 1  # once per distinct problem
