@@ -369,22 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WatchLoads streams, and ORCA streams, open at once per gRPC process; one "
                         "more is refused with RESOURCE_EXHAUSTED (default %(default)s)")
     _add_http_limit_args(p, body=False)
-    g = GrpcLimits()
-    p.add_argument("--handshake-timeout", type=_positive_float, default=g.handshake_timeout, metavar="S",
+    grpc_limits = GrpcLimits()
+    p.add_argument("--handshake-timeout", type=_positive_float, default=grpc_limits.handshake_timeout, metavar="S",
                    help="seconds a new connection gets for its TLS handshake (REST and gRPC) and, on gRPC, "
                         "its HTTP/2 settings exchange (default %(default)s)")
-    p.add_argument("--grpc-max-connections", type=_positive_int, default=g.max_connections, metavar="N",
+    p.add_argument("--grpc-max-connections", type=_positive_int, default=grpc_limits.max_connections, metavar="N",
                    help="gRPC connections open at once, per server process (default %(default)s)")
-    p.add_argument("--grpc-max-streams", type=_positive_int, default=g.max_streams_per_connection,
+    p.add_argument("--grpc-max-streams", type=_positive_int, default=grpc_limits.max_streams_per_connection,
                    metavar="N", help="concurrent calls (e.g. WatchLoads streams) per gRPC connection "
                                      "(default %(default)s)")
-    p.add_argument("--grpc-idle-timeout", type=_positive_float, default=g.idle_timeout, metavar="S",
+    p.add_argument("--grpc-idle-timeout", type=_positive_float, default=grpc_limits.idle_timeout, metavar="S",
                    help="a gRPC connection without a call this long is closed (GOAWAY; clients "
                         "reconnect) (default %(default)s)")
-    p.add_argument("--grpc-keepalive", type=_positive_float, default=g.keepalive, metavar="S",
+    p.add_argument("--grpc-keepalive", type=_positive_float, default=grpc_limits.keepalive, metavar="S",
                    help="a gRPC connection with calls open (e.g. a quiet WatchLoads stream) is pinged after "
                         "S seconds without a frame from its client, and closed when the ping is not "
-                        f"answered within S or {g.keepalive_timeout:g} s, whichever is less: a vanished "
+                        f"answered within S or {grpc_limits.keepalive_timeout:g} s, whichever is less: a vanished "
                         "subscriber's streams are freed (default %(default)s)")
     _add_ingest_args(p)
 
@@ -715,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         module = importlib.import_module(f"loadsvc.bench.{args.bench}")
-        return module.run(args)
+        code: int = module.run(args)
+        return code
     raise AssertionError(cmd)  # argparse rejects unknown commands
 
 

@@ -285,7 +285,7 @@ def judge(group: list[Result]) -> list[tuple[str, float, float, bool]]:
     """(other kind, P2C p99 / its p99, the bound, met) for each target whose kinds are in group."""
     by_kind = {r.router: r for r in group}
     p2c = by_kind.get(P2C)
-    out = []
+    out: list[tuple[str, float, float, bool]] = []
     if p2c is None:
         return out
     for kind, bound in TARGETS:

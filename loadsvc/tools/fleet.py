@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -92,6 +92,9 @@ class Proc:
         return self.proc.returncode
 
 
+P = TypeVar("P", bound=Proc)
+
+
 @dataclass
 class EngineProc(Proc):
     grpc_port: int = 0
@@ -101,11 +104,12 @@ class EngineProc(Proc):
         return f"{HOST}:{self.grpc_port}"
 
     def server_info(self) -> dict[str, Any]:
-        return httpx.get(self.url + "/get_server_info", timeout=5).json()
+        info: dict[str, Any] = httpx.get(self.url + "/get_server_info", timeout=5).json()
+        return info
 
     def completed(self) -> int:
         """Requests this engine finished (its own counter)."""
-        return self.server_info()["loadsvc_engine"]["completed"]
+        return int(self.server_info()["loadsvc_engine"]["completed"])
 
 
 @dataclass
@@ -157,8 +161,8 @@ class Fleet:
             except OSError:
                 pass
 
-    def _spawn(self, cls: type[Proc], name: str, cmd: list[str], url: str, *,
-               env: dict[str, str] | None = None, **extra: Any) -> Any:
+    def _spawn(self, cls: type[P], name: str, cmd: list[str], url: str, *,
+               env: dict[str, str] | None = None, **extra: Any) -> P:
         log_path = self._log_dir / f"{name}.log"
         log_file = open(log_path, "wb")
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -265,7 +265,7 @@ class Router:
 
     def _eligible(self, now: float) -> list[_Target]:
         stale = self.settings.stale_after
-        out = []
+        out: list[_Target] = []
         for w in self.workers:
             if w.connected and now - w.last_message <= stale and now >= w.down_until:
                 out.extend(t for t in w.targets if t.healthy)
@@ -386,7 +386,9 @@ class Router:
         lags = sorted(self._lag_ms)
         if not lags:
             return {}
-        pick = lambda q: lags[min(len(lags) - 1, int(q * len(lags)))]  # noqa: E731
+        def pick(q: float) -> float:
+            return lags[min(len(lags) - 1, int(q * len(lags)))]
+
         return {"p50": round(pick(0.5), 3), "p99": round(pick(0.99), 3), "max": round(lags[-1], 3),
                 "samples": len(lags)}
 
