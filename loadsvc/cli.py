@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "every change)")
             p.add_argument("--max-interval-ms", type=int, default=1000, metavar="MS",
                            help="heartbeat: a message at least every this many milliseconds even "
-                                "without change (default %(default)s)")
+                                "without change; 3 missed heartbeats (at least 3 s) are taken for a "
+                                "lost connection and watch reconnects (default %(default)s)")
             p.add_argument("--count", type=_positive_int, default=None,
                            help="exit after this many messages, counted across reconnects "
                                 "(default: run until Ctrl-C)")

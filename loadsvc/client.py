@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator
 from datetime import datetime
@@ -37,6 +38,13 @@ WIDE = 200  # columns for a pipe without $COLUMNS (logs, grep): every column, ne
 REDRAW_HZ = 10  # watch: terminal redraws per second at most
 RECONNECT_FIRST = 0.1  # watch: seconds before the first reconnect attempt, doubled per attempt
 RECONNECT_MAX = 5.0  # watch: ... up to this many seconds between attempts
+# watch: a stream silent for HEARTBEAT_MISSES heartbeats (--max-interval-ms; the server's default
+# of 1 s when 0), and at least SILENCE_MIN seconds, is taken for a lost connection and reconnected.
+# A silent partition (the server's host gone, no FIN) sends no error; only the missing
+# heartbeats tell, and the table would otherwise show the last numbers as if current.
+HEARTBEAT_MISSES = 3
+SILENCE_MIN = 3.0
+SERVER_DEFAULT_HEARTBEAT_MS = 1000
 # watch: a stream that ends with one of these (server restarting or gone, stream limit) after
 # it delivered is reconnected; others (UNAUTHENTICATED, INVALID_ARGUMENT, ...) end the command
 _RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
@@ -342,7 +350,8 @@ class _Watch:
     """WatchLoads across reconnects: stream() yields the responses; status says what it is doing.
 
     A stream that ends (or fails with one of _RECONNECT_CODES) after it delivered is opened
-    again on a new channel, RECONNECT_FIRST seconds later, doubling up to RECONNECT_MAX; a
+    again on a new channel, RECONNECT_FIRST seconds later, doubling up to RECONNECT_MAX; so is
+    one that stays silent for `silence` seconds (missed heartbeats: a lost connection). A
     failure before the first message (wrong address, no server) raises grpc.RpcError.
     """
 
@@ -351,14 +360,18 @@ class _Watch:
         self.settings, self.request, self.on_status = settings, request, on_status
         self.received = 0
         self.status = ""  # "" while streaming; else the reconnect line
+        heartbeat = (request.max_interval_ms or SERVER_DEFAULT_HEARTBEAT_MS) / 1000
+        self.silence = max(HEARTBEAT_MISSES * heartbeat, SILENCE_MIN)
 
     def stream(self) -> Generator[Any, None, None]:
         delay, attempt = RECONNECT_FIRST, 0
         while True:
             channel = _channel(self.settings)
             call = _stub(channel).WatchLoads(self.request, metadata=_metadata(self.settings))
+            watchdog = _Watchdog(call, self.silence)
             try:
                 for response in call:
+                    watchdog.fed()
                     if attempt:
                         delay, attempt = RECONNECT_FIRST, 0
                         self.status = ""
@@ -369,10 +382,16 @@ class _Watch:
                 if not self.received:
                     raise _StreamEnded
             except grpc.RpcError as e:
-                if not self.received or e.code() not in _RECONNECT_CODES:
+                if watchdog.fired and not self.received:
+                    raise _Silent(self.silence) from None
+                if watchdog.fired:
+                    why = f"no message for {self.silence:g} s (heartbeats missed)"
+                elif not self.received or e.code() not in _RECONNECT_CODES:
                     raise
-                why = _one_line(e.details()) or e.code().name
+                else:
+                    why = _one_line(e.details()) or e.code().name
             finally:
+                watchdog.stop()
                 call.cancel()
                 channel.close()
             attempt += 1
@@ -382,8 +401,36 @@ class _Watch:
             delay = min(delay * 2, RECONNECT_MAX)
 
 
+class _Watchdog:
+    """Cancels call when fed() has not been called for silence seconds (a thread, polling)."""
+
+    def __init__(self, call: Any, silence: float) -> None:
+        self.fired = False
+        self._call, self._silence = call, silence
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        threading.Thread(target=self._run, name="loadsvc-watch-watchdog", daemon=True).start()
+
+    def fed(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        while not self._done.wait(min(0.25, self._silence / 4)):
+            if time.monotonic() - self._last > self._silence:
+                self.fired = True
+                self._call.cancel()
+                return
+
+
 class _StreamEnded(Exception):
     """The server ended the stream before its first message."""
+
+
+class _Silent(Exception):
+    """No first message within the silence limit (seconds: args[0])."""
 
 
 def run_watch(settings: ClientSettings) -> int:
@@ -455,6 +502,10 @@ def run_watch(settings: ClientSettings) -> int:
     except _StreamEnded:
         print(f"loadsvc watch: {settings.grpc} ended the stream before its first message",
               file=sys.stderr)
+        return 1
+    except _Silent as e:
+        print(f"loadsvc watch: no message from {settings.grpc} within {e.args[0]:g} s "
+              "(is it a loadsvc gRPC port, and reachable?)", file=sys.stderr)
         return 1
     except _Usage as e:  # a TLS file that went away between reconnects
         print(f"loadsvc watch: {e}", file=sys.stderr)

@@ -421,6 +421,47 @@ def test_watch_reconnects_when_the_server_restarts(shm_path, terminal):
 
 
 @pytest.mark.integration
+def test_watch_reconnects_after_a_silent_partition(shm_path, tmp_path):
+    """The server's host drops off the network without a word (its link goes down: no FIN, no
+    error): watch notices the missing heartbeats (3 x --max-interval-ms, at least 3 s), says so,
+    keeps trying, and is back once the link is up. serve runs in a network namespace."""
+    from loadsvc.bench.netns import NetnsUnavailable, Topology, check_available, wait_until
+    from loadsvc.tools.procs import port_answers
+
+    try:
+        check_available()
+    except NetnsUnavailable as e:
+        pytest.skip(str(e))
+    with ShmPublisher(shm_path, dp_size=1, dp_rank=0) as pub, Topology(["server"]) as topo:
+        pub.publish(LoadSnapshot(dp_rank=0, num_running_reqs=1, max_running_requests=8))
+        addr = topo.addr["server"]
+        target = f"{addr}:50051"
+        topo.start("server", [sys.executable, "-m", "loadsvc", "serve", "--shm", str(shm_path), "--host", addr,
+                              "--grpc-port", "50051", "--http-port", "8000", "--stale-after", "600",
+                              "--unreachable-after", "600"], tmp_path / "serve.log")
+        wait_until(lambda: port_answers(50051, addr), 20, lambda: (tmp_path / "serve.log").read_text())
+        proc = subprocess.Popen([sys.executable, "-m", "loadsvc", "watch", "--grpc", target,
+                                 "--max-interval-ms", "200"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"})
+        out, err = _Output(proc.stdout.fileno()), _Output(proc.stderr.fileno())
+        try:
+            out.wait_for("message 5", proc)  # heartbeats every 200 ms
+            assert topo.run("server", ["ip", "link", "set", "eth0", "down"]).returncode == 0
+            down = time.monotonic()
+            err.wait_for(f"no message for 3 s (heartbeats missed); reconnecting to {target}", proc, timeout=10)
+            assert 2.5 < time.monotonic() - down < 8
+            assert proc.poll() is None
+            assert topo.run("server", ["ip", "link", "set", "eth0", "up"]).returncode == 0
+            err.wait_for(f"loadsvc watch: reconnected to {target}", proc, timeout=30)
+            shown = out.text.count("message ")
+            out.wait_for(f"message {shown + 3}", proc)  # the table is live again
+        finally:
+            proc.kill()
+            proc.wait()
+        assert "Traceback" not in err.text
+
+
+@pytest.mark.integration
 def test_watch_gives_up_on_errors_that_a_reconnect_does_not_cure(deployment, cli):
     """Before its first message, or for a refused request, watch ends (exit 1/2) instead of retrying."""
     result = cli("watch", "--grpc", deployment.target, "--include", "bogus", "--count", "1")
