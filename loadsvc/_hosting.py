@@ -2,6 +2,7 @@
 
     run(main())                                          # uvloop when installed
       sock = bind_tcp(host, port, "the engine's HTTP")   # a port in use is a clear error, here
+      is_loopback("127.0.0.1")                           # an address (or "localhost") of this host only
       await serve_until_signal(app, sock, host, port,    # uvicorn without signal handlers of
                                what="the engine's HTTP",  # its own, until SIGTERM / SIGINT,
                                limits=HttpLimits(...),    # under loadsvc/surfaces/limits.py
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
 import socket
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -25,7 +27,17 @@ from typing import Any
 from loadsvc.settings import HttpLimits
 from loadsvc.surfaces.limits import BodyLimit, ConnectionGuard, uvicorn_config
 
-__all__ = ["bind_tcp", "quiet_uvicorn", "serve_until_signal", "run"]
+__all__ = ["bind_tcp", "is_loopback", "quiet_uvicorn", "serve_until_signal", "run"]
+
+
+def is_loopback(host: str) -> bool:
+    """True for "localhost" and loopback addresses (127.0.0.0/8, ::1); False for names and the rest."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def bind_tcp(host: str, port: int, what: str) -> socket.socket:

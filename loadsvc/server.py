@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import multiprocessing as mp
 import os
@@ -42,7 +41,7 @@ from typing import Any
 import grpc
 
 from loadsvc._exceptions import ServeError
-from loadsvc._hosting import bind_tcp
+from loadsvc._hosting import bind_tcp, is_loopback
 from loadsvc._hosting import run as run_loop
 from loadsvc.core.store import LoadStore
 from loadsvc.settings import ServeSettings
@@ -78,15 +77,6 @@ GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
 )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _grpc_address(host: str, port: int) -> str:
@@ -227,7 +217,7 @@ async def serve(settings: ServeSettings, *, ready: asyncio.Event | None = None,
     host = settings.host
     if settings.api_key is not None and not settings.api_key.strip():
         raise ServeError("the API key is empty: it would switch authentication off; give a key or none")
-    if not _is_loopback(host) and settings.tls is None and settings.api_key is None:
+    if not is_loopback(host) and settings.tls is None and settings.api_key is None:
         log.warning("listening on %s without TLS or an API key: anyone who can reach this host can "
                     "read the loads; use --tls-cert/--tls-key and/or --api-key", host)
     registry = CollectorRegistry()

@@ -248,6 +248,39 @@ def test_publisher_stops_and_resumes_independently(fleet: Fleet) -> None:
     assert httpx.post(engine.url + "/loadsvc/publisher", json={"enabled": "no"}).status_code == 400
 
 
+def test_the_publisher_switch_answers_callers_on_this_host_only(tmp_path: Path) -> None:
+    """An engine listening on a network-namespace bridge address (made here): a POST from that
+    address, not loopback, is refused 403 and the rank keeps publishing."""
+    import subprocess
+    import sys
+
+    from loadsvc.bench.netns import NetnsUnavailable, Topology, check_available
+    from loadsvc.tools.procs import free_port, port_answers
+
+    try:
+        check_available()
+    except NetnsUnavailable as e:
+        pytest.skip(str(e))
+    with Topology(["peer"]) as topo:
+        port = free_port()
+        shm = tmp_path / "engine.shm"
+        with open(tmp_path / "engine.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "loadsvc", "engine", "--host", topo.gateway, "--port",
+                                     str(port), "--grpc-port", str(free_port()), "--shm", str(shm)],
+                                    stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://{topo.gateway}:{port}"
+            wait_for(lambda: port_answers(port, topo.gateway), 20, "the engine to listen")
+            r = httpx.post(url + "/loadsvc/publisher", json={"enabled": False}, timeout=5)
+            assert r.status_code == 403, r.text
+            assert f"loopback) only, not {topo.gateway}" in r.json()["message"]
+            info = httpx.get(url + "/get_server_info", timeout=5).json()
+            assert info["loadsvc_engine"]["publishing"] is True
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 def test_sigterm_stops_cleanly_and_removes_its_region(fleet: Fleet) -> None:
     engine = fleet.engine(dp_size=2)
     region = Path(engine.server_info()["loadsvc_engine"]["shm"])

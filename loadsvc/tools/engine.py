@@ -51,7 +51,8 @@ reads SGLang reads this engine too.
 
 Stopping the publisher alone (routers then see the ranks go stale while the
 engine keeps serving): ``kill -USR1 <pid>`` or ``POST /loadsvc/publisher``
-with ``{"enabled": false}``; ``kill -USR2`` or ``{"enabled": true}`` resumes.
+with ``{"enabled": false}`` (from loopback only: 403 otherwise); ``kill -USR2``
+or ``{"enabled": true}`` resumes.
 SIGTERM/SIGINT stop everything; the default region file is removed at exit.
 """
 
@@ -75,7 +76,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loadsvc._exceptions import LoadsvcError
-from loadsvc._hosting import bind_tcp, run, serve_until_signal
+from loadsvc._hosting import bind_tcp, is_loopback, run, serve_until_signal
 from loadsvc._version import __version__
 from loadsvc.core.region import RegionError, ShmPublisher, default_path
 from loadsvc.core.schema import LoadSnapshot, MemoryMetrics, QueueMetrics
@@ -582,7 +583,14 @@ def create_app(engine: Engine) -> Any:
         return Response("Cache flushed.\n", status_code=200)
 
     @app.post("/loadsvc/publisher")
-    async def publisher(request: Request) -> dict[str, Any]:
+    async def publisher(request: Request) -> Any:
+        # It turns this engine's loads off for every router, and the engine has no API key:
+        # only a caller on this host may flip it (anyone else: kill -USR1 / -USR2 on the host).
+        peer = request.client.host if request.client else ""
+        if not is_loopback(peer):
+            return _error(403, f"POST /loadsvc/publisher is for callers on this host (loopback) only, "
+                               f"not {peer or 'an unknown peer'}; on the host: kill -USR1 / -USR2 <pid>",
+                          "PermissionDeniedError")
         body = await body_of(request)
         enabled = body.get("enabled")
         if not isinstance(enabled, bool):
