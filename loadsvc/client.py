@@ -369,8 +369,14 @@ class _Watch:
             channel = _channel(self.settings)
             call = _stub(channel).WatchLoads(self.request, metadata=_metadata(self.settings))
             watchdog = _Watchdog(call, self.silence)
+            responses = iter(call)
             try:
-                for response in call:
+                while True:
+                    watchdog.waiting()
+                    try:
+                        response = next(responses)
+                    except StopIteration:
+                        break
                     watchdog.fed()
                     if attempt:
                         delay, attempt = RECONNECT_FIRST, 0
@@ -402,24 +408,32 @@ class _Watch:
 
 
 class _Watchdog:
-    """Cancels call when fed() has not been called for silence seconds (a thread, polling)."""
+    """Cancels call when a wait for its next message (waiting() .. fed()) lasts silence seconds.
+
+    Only the waits count: a reader that stops reading for a while (stdout paused in a pager)
+    is not taken for a silent server. A thread, polling.
+    """
 
     def __init__(self, call: Any, silence: float) -> None:
         self.fired = False
         self._call, self._silence = call, silence
-        self._last = time.monotonic()
+        self._waiting_since: float | None = None
         self._done = threading.Event()
         threading.Thread(target=self._run, name="loadsvc-watch-watchdog", daemon=True).start()
 
+    def waiting(self) -> None:
+        self._waiting_since = time.monotonic()
+
     def fed(self) -> None:
-        self._last = time.monotonic()
+        self._waiting_since = None
 
     def stop(self) -> None:
         self._done.set()
 
     def _run(self) -> None:
         while not self._done.wait(min(0.25, self._silence / 4)):
-            if time.monotonic() - self._last > self._silence:
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > self._silence:
                 self.fired = True
                 self._call.cancel()
                 return
