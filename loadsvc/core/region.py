@@ -77,10 +77,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self, cast
+from typing import Any, cast
 
 import msgspec
 
+from loadsvc._closing import Closing
 from loadsvc._exceptions import RegionError
 from loadsvc.core import schema
 from loadsvc.core.schema import LoadSnapshot, Status
@@ -348,7 +349,7 @@ def _lock_byte(fd: int, offset: int) -> None:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
 
 
-class ShmPublisher:
+class ShmPublisher(Closing):
     """The engine side: publishes one rank's snapshots into the region.
 
     ``ShmPublisher(path, dp_size=8, dp_rank=3)`` creates the region if it does
@@ -489,18 +490,6 @@ class ShmPublisher:
         self._region.close()  # closing the fd drops the lock
         self._region = None  # type: ignore[assignment]
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing sensible left to do
-            pass
-
 
 class _FileWords:
     """The region file as 8-byte words, read with pread and written with pwrite."""
@@ -553,7 +542,7 @@ class PwritePublisher(ShmPublisher):
         return _FileWords(r.fd, self.path), _FileBytes(r.fd)
 
 
-class ShmReader:
+class ShmReader(Closing):
     """The read side: lock-free reads with a decode cache per (rank, sequence).
 
     ``ShmReader(path)`` takes dp_size from the header and raises RegionError
@@ -803,15 +792,3 @@ class ShmReader:
         self._mm = self._src = None  # type: ignore[assignment]
         self._region.close()
         self._region = None  # type: ignore[assignment]
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing sensible left to do
-            pass

@@ -12,12 +12,12 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Self
 
 import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from loadsvc._closing import Closing
 from loadsvc.core import schema
 from loadsvc.core.region import DEFAULT_PAYLOAD_CAPACITY
 from loadsvc.core.schema import LoadSnapshot
@@ -37,7 +37,7 @@ log = logging.getLogger("loadsvc.relay")
 HANDSHAKE_RETRY = 2.0  # seconds: a publisher whose handshake was refused tries again
 
 
-class ZmqPublisher:
+class ZmqPublisher(Closing):
     """The engine side on another node: pushes one rank's snapshots to a collector.
 
     ``ZmqPublisher("tcp://node0:5557", dp_size=8, dp_rank=5)`` connects (ZMQ
@@ -212,15 +212,3 @@ class ZmqPublisher:
             self._monitor.close(linger=0)
             self._sock.close()
             self._sock = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing sensible left to do
-            pass
