@@ -234,14 +234,6 @@ def test_serve_fits_its_open_file_limit_to_the_caps(shm_path: Path, limit: tuple
     assert ("open-file limit (512) is below what the connection caps need (896" in out) == (raised < 896), out
 
 
-def grpc_streams(server: ServeProcess, method: str = "WatchLoads") -> float:
-    text = httpx.get(f"{server.http_url}/metrics", timeout=5).text
-    for fam in text_string_to_metric_families(text):
-        if fam.name == "loadsvc_grpc_streams":
-            return next(s.value for s in fam.samples if s.labels.get("method") == method)
-    raise AssertionError("no loadsvc_grpc_streams on /metrics")
-
-
 # A WatchLoads subscriber asking for a message at most once an hour (a quiet stream), on its own host.
 SUBSCRIBER = """
 import sys, grpc
@@ -271,14 +263,18 @@ def test_a_vanished_watchloads_subscriber_frees_its_stream(shm_path: Path, serve
         server = serve_process(shm_path, host=topo.gateway, args=[
             "--grpc-keepalive", "2", "--stale-after", "3600", "--unreachable-after", "3600"])
         log = tmp_path / "subscriber.log"
+
+        def streams() -> float:
+            return server.metric("loadsvc_grpc_streams", method="WatchLoads")
+
         topo.start("subscriber", [sys.executable, "-c", SUBSCRIBER, server.grpc_target], log)
-        wait_until(lambda: grpc_streams(server) == 1 and "message" in log.read_text(), 20,
+        wait_until(lambda: streams() == 1 and "message" in log.read_text(), 20,
                  lambda: f"the subscriber's stream to open; its log: {log.read_text()[-2000:]}")
         assert topo.run("subscriber", ["ip", "link", "set", "eth0", "down"]).returncode == 0
         gone = time.monotonic()
         time.sleep(1)
-        assert grpc_streams(server) == 1  # still held: nothing tells serve yet
-        wait_for(lambda: grpc_streams(server) == 0, 15, "serve to free the vanished subscriber's stream")
+        assert streams() == 1  # still held: nothing tells serve yet
+        wait_for(lambda: streams() == 0, 15, "serve to free the vanished subscriber's stream")
         assert time.monotonic() - gone < 10  # 2 s to the ping, at most 2 s for its answer, and the poll
         assert log.read_text().count("message") == 1  # the stream was quiet all along
 
