@@ -65,9 +65,13 @@ def test_generate_time_grows_with_tokens_and_shrinks_with_speed(fleet: Fleet) ->
     engine = fleet.engine(dp_size=2, speeds=(1.0, 0.5), step_ms=10)
     with httpx.Client() as client:
         generate(engine, 2, client=client)  # warm the connection
-        fast50 = generate(engine, 50, rank=0, client=client)["meta_info"]
-        fast100 = generate(engine, 100, rank=0, client=client)["meta_info"]
-        slow50 = generate(engine, 50, rank=1, client=client)["meta_info"]
+
+        def fastest(max_new: int, rank: int) -> dict[str, Any]:
+            # a late wake-up of the engine's timer only ever adds time: the least of three is the model's
+            runs = [generate(engine, max_new, rank=rank, client=client)["meta_info"] for _ in range(3)]
+            return min(runs, key=lambda m: m["e2e_latency"])
+
+        fast50, fast100, slow50 = fastest(50, 0), fastest(100, 0), fastest(50, 1)
     # batch 1: a step is 10 ms * (1 + 1/32); 50 tokens + 1 prefill step ~ 0.53 s
     assert 0.45 < fast50["e2e_latency"] < 0.9, fast50
     assert 1.7 < fast100["e2e_latency"] / fast50["e2e_latency"] < 2.3, (fast50, fast100)
@@ -151,11 +155,15 @@ def test_malformed_bodies_are_a_400_naming_the_field(fleet: Fleet) -> None:
 
 
 async def test_published_state_moves_with_requests_in_flight(fleet: Fleet) -> None:
-    """max_running_requests=2: six long requests -> 2 running, 4 waiting, seen three ways."""
+    """max_running_requests=2: six long requests -> 2 running, 4 waiting, seen three ways.
+
+    250 new tokens each: a pair runs ~2.7 s (257 steps of ~10.6 ms), long enough for every look
+    below to see the first pair running and four waiting on a machine under load.
+    """
     engine = fleet.engine(dp_size=2, max_running_requests=2, step_ms=10, max_total_tokens=10000)
     region = Path(engine.server_info()["loadsvc_engine"]["shm"])
     async with httpx.AsyncClient() as client:
-        tasks = [asyncio.create_task(agenerate(client, engine, 100, rank=1, text=f"{i}" + "y" * 399))
+        tasks = [asyncio.create_task(agenerate(client, engine, 250, rank=1, text=f"{i}" + "y" * 399))
                  for i in range(6)]  # distinct prompts of 100 tokens: no prefix-cache hits
 
         def busy() -> Any:
@@ -168,7 +176,7 @@ async def test_published_state_moves_with_requests_in_flight(fleet: Fleet) -> No
         assert (r1["num_running_reqs"], r1["num_waiting_reqs"], r1["num_total_reqs"]) == (2, 4, 6)
         assert r1["status"] == "healthy" and r1["queues"]["waiting"] == 4
         assert r1["num_waiting_uncached_tokens"] == 4 * 100  # four prompts of 400 chars
-        assert 2 * 100 <= r1["num_used_tokens"] <= 2 * 200  # prompts in KV, plus what they generated
+        assert 2 * 100 <= r1["num_used_tokens"] <= 2 * 350  # prompts in KV, plus what they generated
         assert r1["num_total_tokens"] == r1["num_used_tokens"] + 400
         assert r1["token_usage"] == pytest.approx(r1["num_used_tokens"] / 10000, abs=1e-4)
         assert r1["utilization"] == 1.0 and r1["max_running_requests"] == 2
@@ -178,15 +186,14 @@ async def test_published_state_moves_with_requests_in_flight(fleet: Fleet) -> No
         with ShmReader(region) as reader:
             snap = reader.read(1)
             assert snap.num_running_reqs == 2 and snap.num_waiting_reqs in (3, 4)
+            resp = await asyncio.to_thread(grpc_loads, engine)
+            assert resp.dp_rank_count == 2
+            assert resp.loads[1].num_running_reqs == 2 and resp.loads[1].num_waiting_reqs >= 2
             seq0 = reader.read(1).seq
             await asyncio.sleep(1.0)
             published = reader.read(1).seq - seq0
             assert published >= 20, f"only {published} publishes in a second"  # >= 20 Hz (default 50)
             assert reader.read(1).gen_throughput > 50  # two requests at ~95 tokens/s each
-
-        resp = await asyncio.to_thread(grpc_loads, engine)
-        assert resp.dp_rank_count == 2
-        assert resp.loads[1].num_running_reqs == 2 and resp.loads[1].num_waiting_reqs >= 2
 
         results = await asyncio.gather(*tasks)
         assert all(r.status_code == 200 for r in results)
@@ -201,10 +208,11 @@ async def test_published_state_moves_with_requests_in_flight(fleet: Fleet) -> No
 
 
 async def test_kv_budget_makes_requests_wait(fleet: Fleet) -> None:
-    # each request reserves 1 prompt token + 80 new ones: two fit in 200 tokens, a third waits
-    engine = fleet.engine(max_total_tokens=200, max_running_requests=32)
+    # each request reserves 1 prompt token + 180 new ones: two fit in 400 tokens, a third waits
+    # (for the ~1.9 s the two run: 181 steps of ~10.6 ms)
+    engine = fleet.engine(max_total_tokens=400, max_running_requests=32)
     async with httpx.AsyncClient() as client:
-        tasks = [asyncio.create_task(agenerate(client, engine, 80)) for _ in range(3)]
+        tasks = [asyncio.create_task(agenerate(client, engine, 180)) for _ in range(3)]
 
         def admitted() -> Any:
             # a publish may land between the arrivals and the scheduler's next pass, showing

@@ -57,8 +57,8 @@ from loadsvc.ingest.sglang import (
 from loadsvc.settings import StoreSettings
 
 HERE = Path(__file__).resolve().parent
-STALE_AFTER = 1.5  # above SGLang's 1 s heartbeat
-UNREACHABLE_AFTER = 3.0
+STALE_AFTER = 2.5  # above SGLang's 1 s heartbeat, with room for a publisher starved a moment
+UNREACHABLE_AFTER = 5.0
 
 # (LoadStat fields, SGLang 0.5.23's msgpack encoding of LoadStat(**fields)), captured from
 # sglang/srt/managers/scheduler_components/load_publisher.py's _encoder; the sequence part of
@@ -444,7 +444,7 @@ def test_sglang_stream_reaches_rest_watchloads_and_get(publisher_impl: str, shm_
         stopped = time.monotonic()
         wait_for(lambda: {ld["status"] for ld in serve.loads().values()} == {"stale"}, STALE_AFTER + 3,
                  "both ranks stale")
-        assert time.monotonic() - stopped > STALE_AFTER - 1.1
+        assert time.monotonic() - stopped > STALE_AFTER - 1.5  # not before: the last heartbeat <= ~1 s old
         wait_for(lambda: {ld["status"] for ld in serve.loads().values()} == {"unreachable"},
                  UNREACHABLE_AFTER + 3, "both ranks unreachable")
         assert serve.loads()[0]["num_running_reqs"] == 9

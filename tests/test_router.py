@@ -69,8 +69,8 @@ def test_p2c_picks_the_rank_of_a_multi_rank_engine(fleet: Fleet) -> None:
 
 @pytest.mark.integration
 def test_p2c_skips_an_engine_whose_loads_are_stale(fleet: Fleet) -> None:
-    a = fleet.engine(stale_after=0.5, wait=False)
-    b = fleet.engine(stale_after=0.5, wait=False)
+    a = fleet.engine(stale_after=1.0, wait=False)
+    b = fleet.engine(stale_after=1.0, wait=False)
     fleet.wait(a, b)
     router = fleet.router([a, b], policy="p2c")
     b.send_signal(signal.SIGUSR1)  # b keeps serving but stops publishing: loadsvc marks it stale

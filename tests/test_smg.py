@@ -63,14 +63,13 @@ def test_smg_power_of_two_routes_on_loadsvc_loads(fleet: Fleet) -> None:
     # A live value: a long request on the slow worker shows up in the gateway's view.
     with httpx.Client(timeout=60) as client:
         pending = client.build_request("POST", slow.url + "/generate", json={
-            "text": "x", "sampling_params": {"max_new_tokens": 100}})  # ~4 s on the slow worker
+            "text": "x", "sampling_params": {"max_new_tokens": 200}})  # ~8 s on the slow worker
         import threading
 
         t = threading.Thread(target=client.send, args=(pending,))
         t.start()
-        live = wait_for(lambda: gateway_loads(gateway.url)[slow.url]["num_used_tokens"] > 0
-                        and gateway_loads(gateway.url)[slow.url], 5,
-                        "the gateway to see the slow worker's running request")
+        live = wait_for(lambda: (v := gateway_loads(gateway.url)[slow.url])["num_used_tokens"] > 0 and v, 15,
+                        "the gateway to see the slow worker's running request")  # it polls every 1 s
         assert live["num_running_reqs"] == 1
         t.join(30)  # before the drive below: both workers start idle
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,9 @@ async def test_timers_flush_held_state_and_keep_only_an_idle_rank_fresh() -> Non
     await asyncio.sleep(0.4)
     assert len(published) == n + 1
     rank.record(SchedulerStats(), None)  # idle again: heartbeats resume
-    await asyncio.sleep(0.35)
+    resumed = time.monotonic()
+    while len(published) < n + 4 and time.monotonic() - resumed < 2.0:  # ~0.2 s; more if the loop stalls
+        await asyncio.sleep(0.05)
     assert len(published) >= n + 4
     rank.close()
 
