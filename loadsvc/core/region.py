@@ -610,7 +610,9 @@ class ShmReader(Closing):
         self._all: list[LoadSnapshot] = []
         self.torn_retries = 0  # buffer changed or checksum failed during a copy
         self.unavailable = 0  # reads that gave up after READ_RETRIES
-        self.corrupt = 0  # intact-checksum payloads that failed to decode or named another rank
+        self.corrupt = 0  # reads of an intact-checksum payload that failed to decode or named another
+        # rank: the slot is tried again on every read (a rewrite in place at the same seq must be
+        # read), so one bad publish counts once per read until it is replaced
         stat = os.fstat(fd)
         self._identity = (stat.st_dev, stat.st_ino)
 

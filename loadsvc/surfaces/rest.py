@@ -291,7 +291,8 @@ class _ReaderCollector:
         for key, help_text in (
                 ("torn_retries", "Slot copies retried because a publish was in progress"),
                 ("unavailable", "Reads that gave up after the retry bound (last good copy served)"),
-                ("corrupt", "Payloads with a valid checksum that failed to decode")):
+                ("corrupt", "Reads of a checksum-valid payload that failed to decode or broke the value "
+                            "rule (counted on every read until the slot is rewritten)")):
             fam = CounterMetricFamily(f"loadsvc_shm_reader_{key}", help_text, labels=["region"])
             for region, values in counters:
                 fam.add_metric([region], values[key])
