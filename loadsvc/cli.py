@@ -608,8 +608,7 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
         grpc_limits=GrpcLimits(max_connections=args.grpc_max_connections,
                                max_streams_per_connection=args.grpc_max_streams,
                                idle_timeout=args.grpc_idle_timeout, handshake_timeout=args.handshake_timeout,
-                               keepalive=args.grpc_keepalive,
-                               keepalive_timeout=min(GrpcLimits.keepalive_timeout, args.grpc_keepalive)),
+                               keepalive=args.grpc_keepalive),
     )
 
 

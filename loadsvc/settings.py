@@ -67,9 +67,10 @@ class GrpcLimits:
     idle_timeout: float = 60.0  # grpc.max_connection_idle_ms: a connection with no call this long gets GOAWAY
     handshake_timeout: float = 10.0  # grpc.server_handshake_timeout_ms: TLS and HTTP/2 settings exchange
     # grpc.keepalive_time_ms: a connection with calls open is pinged after this long without a frame from
-    # the client; no answer within keepalive_timeout closes it. Frees the stream slots of a WatchLoads
-    # subscriber whose host vanished while its stream was quiet (a filter that rarely changes, a heartbeat
-    # of up to an hour); while messages flow, gRPC's 20 s TCP_USER_TIMEOUT on unacked data does it.
+    # the client; no answer within keepalive_timeout (or keepalive, if shorter) closes it. Frees the
+    # stream slots of a WatchLoads subscriber whose host vanished while its stream was quiet (a filter
+    # that rarely changes, a heartbeat of up to an hour); while messages flow, gRPC's 20 s
+    # TCP_USER_TIMEOUT on unacked data does it.
     keepalive: float = 60.0
     keepalive_timeout: float = 20.0  # grpc.keepalive_timeout_ms
 

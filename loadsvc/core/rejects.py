@@ -6,6 +6,8 @@
 
 Every intake (loadsvc.relay.collector, loadsvc.ingest.sglang, loadsvc.ingest.scrape) counts
 its refusals here, so a flood of bad input costs a counter increment, never a log line each.
+LogLimiter alone also holds down the lines of the HTTP limits (connections closed), the gRPC
+stream limit and the store's region events: whatever a client or a local process can repeat.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ truncated file is a RegionError, never a SIGBUS: see loadsvc/core/region.py), an
 re-attaches once a valid region is there again (``attached`` is False in
 between, which health reports as NOT_SERVING). Detaches are counted per reason
 (``detaches``); region events are logged at most once per kind per LOG_EVERY
-seconds, however fast a local process truncates and restores the file.
+(loadsvc/core/rejects.py) seconds, however fast a local process truncates and restores the file.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import msgspec
 
 from loadsvc._exceptions import BadRequest
 from loadsvc.core.region import RegionError, ShmReader, create_region, freshness
+from loadsvc.core.rejects import LogLimiter
 from loadsvc.core.schema import SECTIONS, AggregateMetrics, LoadSnapshot, Status
 from loadsvc.settings import StoreSettings
 
@@ -51,7 +52,6 @@ _T = TypeVar("_T")
 
 TICK = 0.1  # seconds between rebuilds for ages and status transitions
 ATTACH_RETRY = 0.5  # seconds between attempts to attach / checks that the file is still there
-LOG_EVERY = 10.0  # seconds: at most one log line per kind of region event (attach, detach, error)
 # A region truncated again within STABLE_AFTER seconds of being attached doubles the wait
 # before the next attach, up to MAX_ATTACH_RETRY: a file truncated and restored in a loop
 # turns health over a few times, not twice a second.
@@ -229,8 +229,7 @@ class LoadStore:
         self.detaches: dict[str, int] = dict.fromkeys(DETACH_REASONS, 0)
         self._attach_retry = ATTACH_RETRY  # seconds between attach attempts while detached
         self._attached_ns = 0
-        self._last_log: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._log_limited = LogLimiter(log)  # region events: one line per kind per LOG_EVERY
         self._try_attach()
 
     # -- region ------------------------------------------------------------
@@ -292,18 +291,6 @@ class LoadStore:
         self._next_attach = now + int(self._attach_retry * 1e9)
         self._set_reader(None)
         self._attach_error = error
-
-    def _log_limited(self, kind: str, level: int, msg: str, *args: Any) -> None:
-        """log.log(level, msg, *args), at most once per kind per LOG_EVERY seconds."""
-        now = time.monotonic()
-        if now - self._last_log.get(kind, -LOG_EVERY) < LOG_EVERY:
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
-        self._last_log[kind] = now
-        suppressed = self._suppressed.pop(kind, 0)
-        if suppressed:
-            msg += f" (+{suppressed} more since the last such line)"
-        log.log(level, msg, *args)
 
     def _check_region(self) -> None:
         """Periodic (not per read): re-attach when the file is gone, replaced or truncated."""

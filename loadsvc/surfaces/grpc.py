@@ -45,6 +45,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from loadsvc._proto.loadsvc.v1 import loads_pb2 as pb
+from loadsvc.core.rejects import LogLimiter
 from loadsvc.core.store import BadRequest, LoadStore, Selection, View
 from loadsvc.surfaces.encode import response_proto
 
@@ -63,7 +64,6 @@ CLOSE_WAIT = 2.0  # seconds aclose() waits for streams to end with their status
 # Each open stream costs about 17 KB of the server's memory (measured), so the
 # default bounds them to about 70 MB; a router needs one.
 DEFAULT_MAX_STREAMS = 4096
-_REFUSED_LOG_EVERY = 10.0  # seconds between log lines about refused streams
 
 
 class _Wakeup:
@@ -111,7 +111,7 @@ class LoadServices:
         self.service_names = service_names
         self.max_streams = max_streams
         self.refused_streams = 0  # WatchLoads calls refused because max_streams were open
-        self._refused_logged = -_REFUSED_LOG_EVERY
+        self._log_limited = LogLimiter(log)  # refused streams: one warning per LOG_EVERY
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key is empty: it would switch authentication off; pass a key or None")
         self._api_key = api_key.encode() if api_key else None
@@ -284,11 +284,9 @@ class LoadServices:
 
     async def _refuse_stream(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
         self.refused_streams += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= _REFUSED_LOG_EVERY:
-            self._refused_logged = now
-            log.warning("refused a WatchLoads stream from %s: %d open, the limit (--max-streams); "
-                        "%d refused so far", context.peer(), self._streams, self.refused_streams)
+        self._log_limited("stream_limit", logging.WARNING, "refused a WatchLoads stream from %s: %d open, "
+                          "the limit (--max-streams); %d refused so far", context.peer(), self._streams,
+                          self.refused_streams)
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"WatchLoads: {self._streams} streams open, this server's limit "
                             "(--max-streams); retry later, or share one stream per client")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import ssl
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from loadsvc.core.rejects import LogLimiter
 from loadsvc.settings import GrpcLimits, HttpLimits
 
 __all__ = ["ConnectionGuard", "BodyLimit", "uvicorn_config", "grpc_options", "server_ssl_context",
@@ -45,7 +45,6 @@ __all__ = ["ConnectionGuard", "BodyLimit", "uvicorn_config", "grpc_options", "se
 
 log = logging.getLogger("loadsvc.limits")
 
-LOG_EVERY = 10.0  # seconds: at most one log line per reason in this interval
 SWEEP_EVERY = 1.0  # seconds between deadline checks (at most; shorter for short timeouts)
 # Why a connection was closed by the guard (the `reason` label of the metric).
 CLOSE_REASONS = ("header_too_large", "header_timeout", "idle", "cap_evicted", "cap_refused",
@@ -76,8 +75,7 @@ class ConnectionGuard:
         self._waiting: dict[_GuardedProtocol, float] = {}
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._sweep_every = min(SWEEP_EVERY, limits.header_timeout / 4)
-        self._last_log: dict[str, float] = {}
-        self._suppressed: collections.Counter[str] = collections.Counter()
+        self._log_limited = LogLimiter(log)  # one warning per reason per LOG_EVERY
 
     @property
     def open(self) -> int:
@@ -127,19 +125,13 @@ class ConnectionGuard:
             self._sweep_handle = asyncio.get_running_loop().call_later(self._sweep_every, self._sweep)
 
     def count(self, reason: str, detail: str) -> None:
-        """Count a connection (or request) the limits closed; a warning at most every LOG_EVERY s."""
+        """Count a connection (or request) the limits closed; a warning at most every LOG_EVERY s
+        (loadsvc/core/rejects.py) per reason."""
         self.closed[reason] += 1
         if reason in _QUIET:
             log.debug("%s: closed a connection [%s]: %s", self.what, reason, detail)
             return
-        now = time.monotonic()
-        if now - self._last_log.get(reason, -math.inf) >= LOG_EVERY:
-            suppressed = self._suppressed.pop(reason, 0)
-            more = f" (+{suppressed} more since the last line)" if suppressed else ""
-            log.warning("%s: closed a connection [%s]: %s%s", self.what, reason, detail, more)
-            self._last_log[reason] = now
-        else:
-            self._suppressed[reason] += 1
+        self._log_limited(reason, logging.WARNING, "%s: closed a connection [%s]: %s", self.what, reason, detail)
 
     def collector(self, prefix: str) -> Any:
         """A prometheus_client collector of collect(prefix), for registry.register()."""
@@ -444,5 +436,6 @@ def grpc_options(limits: GrpcLimits) -> list[tuple[str, Any]]:
         ("grpc.max_connection_idle_ms", int(limits.idle_timeout * 1000)),
         ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout * 1000)),
         ("grpc.keepalive_time_ms", int(limits.keepalive * 1000)),
-        ("grpc.keepalive_timeout_ms", int(limits.keepalive_timeout * 1000)),
+        # a ping is never given longer to answer than the quiet time that sent it
+        ("grpc.keepalive_timeout_ms", int(min(limits.keepalive_timeout, limits.keepalive) * 1000)),
     ]
